@@ -1,0 +1,325 @@
+"""Exact activation patching: the ground truth and the verifier.
+
+``I(η; base, source) = metric(base run with every node of η set to its source-run value)
+- metric(base run)``. Noising (default): base = clean, source = noise; denoising swaps them.
+A node summed over positions is patched at every position at once. Many patches share one
+forward along the batch axis (one row per (pair, node set)), ``batch_size`` rows per forward.
+Cost: one forward per patched row plus two per pair (the unpatched base and source runs).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from atp_nnsight.metrics import Metric, resolve_metric
+from atp_nnsight.methods.common import Roles, common_length, model_name, prepare_pairs, site_order
+from atp_nnsight.models import Adapter, get_adapter
+from atp_nnsight.nodes import NodeLayout
+from atp_nnsight.remote import Remote, run_chunks
+from atp_nnsight.results import Attribution
+from atp_nnsight.types import Node, check_direction
+
+
+@dataclass(frozen=True)
+class NodeSets:
+    """Sets of nodes to patch together, as flat entry arrays (``pos == -1``: all positions)."""
+
+    sites: tuple[tuple[str, int], ...]
+    ptr: np.ndarray
+    site: np.ndarray
+    unit: np.ndarray
+    pos: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.ptr) - 1
+
+    @classmethod
+    def singletons(cls, layout: NodeLayout) -> NodeSets:
+        """One set per node of ``layout``, in layout order."""
+        sites = tuple(
+            sorted(((b.kind, b.layer) for b in layout.blocks), key=lambda s: site_order(*s))
+        )
+        index = {s: i for i, s in enumerate(sites)}
+        site, unit, pos = [], [], []
+        for b in layout.blocks:
+            site.append(np.full(b.size, index[(b.kind, b.layer)]))
+            unit.append(np.tile(np.arange(b.n_units), b.n_positions))
+            p = np.repeat(np.arange(b.n_positions), b.n_units)
+            pos.append(p if layout.per_position else np.full(b.size, -1))
+        n = layout.n_nodes
+        return cls(sites, np.arange(n + 1), *(np.concatenate(x) for x in (site, unit, pos)))
+
+    @classmethod
+    def from_nodes(cls, sets: Sequence[Sequence[Node]], adapter: Adapter) -> NodeSets:
+        """Arbitrary sets of :class:`Node`; validates kinds, layers and unit indices."""
+        if len(sets) == 0:
+            raise ValueError("no node sets given")
+        nodes = [n for s in sets for n in s]
+        for n in nodes:
+            if not 0 <= n.layer < adapter.n_layers:
+                raise ValueError(f"node {n}: layer out of range 0-{adapter.n_layers - 1}")
+            if not 0 <= n.index < adapter.n_units(n.kind):
+                raise ValueError(f"node {n}: index out of range 0-{adapter.n_units(n.kind) - 1}")
+            if n.position is not None and n.position < 0:
+                raise ValueError(f"node {n}: negative position")
+        sites = tuple(sorted({(n.kind, n.layer) for n in nodes}, key=lambda s: site_order(*s)))
+        index = {s: i for i, s in enumerate(sites)}
+        ptr = np.cumsum([0] + [len(s) for s in sets])
+        site = np.array([index[(n.kind, n.layer)] for n in nodes], dtype=np.int64)
+        unit = np.array([n.index for n in nodes], dtype=np.int64)
+        pos = np.array([-1 if n.position is None else n.position for n in nodes], dtype=np.int64)
+        return cls(sites, ptr, site, unit, pos)
+
+    def max_position(self) -> int:
+        return int(self.pos.max()) if len(self.pos) else -1
+
+
+@dataclass(frozen=True)
+class SiteWrite:
+    """Rows of one batch that patch site ``(kind, layer)``, with per-entry indices."""
+
+    kind: str
+    layer: int
+    row: torch.Tensor
+    pos: torch.Tensor
+    unit: torch.Tensor
+    source_pair: torch.Tensor
+
+
+@dataclass(frozen=True)
+class RowBatch:
+    pair: torch.Tensor
+    layers: tuple[tuple[int, tuple[SiteWrite, ...]], ...]
+
+
+@dataclass(frozen=True)
+class PatchChunk:
+    """Everything one session needs: pairs of one length and the row batches to run."""
+
+    adapter: Adapter
+    roles: Roles
+    metric: Metric
+    source_sites: tuple[tuple[int, tuple[str, ...]], ...]
+    batches: tuple[RowBatch, ...]
+
+
+def _row_batch(sets: NodeSets, pairs: np.ndarray, set_ids: np.ndarray, seq_len: int) -> RowBatch:
+    counts = sets.ptr[set_ids + 1] - sets.ptr[set_ids]
+    rows = np.repeat(np.arange(len(set_ids)), counts)
+    entry = np.concatenate([np.arange(sets.ptr[s], sets.ptr[s + 1]) for s in set_ids])
+    site, unit, pos = sets.site[entry], sets.unit[entry], sets.pos[entry]
+    everywhere = pos < 0  # summed nodes: expand to every position
+    if everywhere.any():
+        n_all = int(everywhere.sum())
+        rows = np.concatenate([rows[~everywhere], np.repeat(rows[everywhere], seq_len)])
+        site = np.concatenate([site[~everywhere], np.repeat(site[everywhere], seq_len)])
+        unit = np.concatenate([unit[~everywhere], np.repeat(unit[everywhere], seq_len)])
+        pos = np.concatenate([pos[~everywhere], np.tile(np.arange(seq_len), n_all)])
+    by_layer: dict[int, list[SiteWrite]] = {}
+    for s in np.unique(site):
+        kind, layer = sets.sites[s]
+        m = site == s
+        t = lambda a: torch.from_numpy(np.ascontiguousarray(a[m]))  # noqa: E731
+        by_layer.setdefault(layer, []).append(
+            SiteWrite(kind, layer, t(rows), t(pos), t(unit), t(pairs[rows]))
+        )
+    return RowBatch(
+        pair=torch.from_numpy(pairs),
+        layers=tuple((layer, tuple(ws)) for layer, ws in sorted(by_layer.items())),
+    )
+
+
+def _patch_body(model: Any, chunk: PatchChunk) -> dict[str, Any]:
+    """One session: base+source forward, then one forward per row batch (runs remotely too)."""
+    adapter, roles = chunk.adapter, chunk.roles
+    n = roles.base.shape[0]
+    with model.trace(torch.cat([roles.base, roles.source]), use_cache=False):
+        source = {}
+        for layer, kinds in chunk.source_sites:
+            raws, _ = adapter.read_layer(model, layer, kinds)
+            for kind in kinds:
+                source[(kind, layer)] = adapter.units(kind, raws[kind])[n:].detach().clone()
+        logits = model.output.logits
+        base_metric = chunk.metric(logits[:n], roles.clean_target, roles.noise_target).detach()
+    effects = []
+    for batch in chunk.batches:
+        with model.trace(roles.base[batch.pair], use_cache=False):
+            for layer, writes in batch.layers:
+                by_kind = {w.kind: w for w in writes}
+                for kind, raw in adapter.iter_layer(model, layer, tuple(by_kind)):
+                    w = by_kind[kind]
+                    view = adapter.units(kind, raw)
+                    dev = view.device
+                    row, pos, unit = w.row.to(dev), w.pos.to(dev), w.unit.to(dev)
+                    patch = source[(kind, layer)][w.source_pair.to(dev), pos, unit]
+                    view[row, pos, unit] = patch.to(view.dtype)
+            logits = model.output.logits
+            value = chunk.metric(
+                logits, roles.clean_target[batch.pair], roles.noise_target[batch.pair]
+            )
+            effects.append(
+                (value.float() - base_metric[batch.pair.to(value.device)]).detach().cpu()
+            )
+    return {"effects": torch.cat(effects), "base": base_metric.float().cpu()}
+
+
+def _rows_per_forward(adapter: Adapter, seq_len: int, vocab: int, memory_gb: float) -> int:
+    """Rows per patched forward that keep activations under ``memory_gb`` (fp32 estimate)."""
+    per_row = (
+        4
+        * seq_len
+        * (vocab + 6 * adapter.d_model + 2 * adapter.d_mlp + 4 * adapter.n_heads * seq_len)
+    )
+    return max(1, int(memory_gb * 2**30 // per_row))
+
+
+def run_node_sets(
+    model: Any,
+    tok: Any,
+    sets: NodeSets,
+    *,
+    direction: str,
+    metric: Metric,
+    batch_size: int | None,
+    memory_gb: float,
+    remote: Remote,
+    progress: bool,
+    checkpoint_dir: Any = None,
+    pairs_per_chunk: int = 8,
+) -> tuple[np.ndarray, np.ndarray, float]:
+    """Effects ``[pairs, sets]``, base metric ``[pairs]`` and cost (forward passes)."""
+    adapter = get_adapter(model)
+    check_direction(direction)
+    vocab = model._module.config.vocab_size
+    source_sites: dict[int, list[str]] = {}
+    for kind, layer in sets.sites:
+        source_sites.setdefault(layer, []).append(kind)
+    source_sites_t = tuple((lay, tuple(k)) for lay, k in sorted(source_sites.items()))
+    chunks, owners = [], []
+    for group in tok.chunks(pairs_per_chunk):
+        if sets.max_position() >= group.length:
+            raise ValueError(
+                f"a node has position {sets.max_position()} but pairs {group.indices} have only "
+                f"{group.length} tokens"
+            )
+        rows = batch_size or _rows_per_forward(adapter, group.length, vocab, memory_gb)
+        n = len(group.indices)
+        pair_of_row = np.tile(np.arange(n), len(sets))
+        set_of_row = np.repeat(np.arange(len(sets)), n)
+        batches = tuple(
+            _row_batch(sets, pair_of_row[i : i + rows], set_of_row[i : i + rows], group.length)
+            for i in range(0, len(pair_of_row), rows)
+        )
+        chunks.append(
+            PatchChunk(adapter, Roles.of(group, direction), metric, source_sites_t, batches)
+        )
+        owners.append(group.indices)
+    outs = run_chunks(
+        model,
+        chunks,
+        _patch_body,
+        remote=remote,
+        checkpoint_dir=checkpoint_dir,
+        progress=progress,
+        desc="exact patching",
+    )
+    effects = np.zeros((len(tok), len(sets)), dtype=np.float32)
+    base = np.zeros(len(tok), dtype=np.float32)
+    for idx, out in zip(owners, outs, strict=True):
+        effects[idx] = out["effects"].numpy().reshape(len(sets), len(idx)).T
+        base[idx] = out["base"].numpy()
+    cost = float(len(tok) * (len(sets) + 2))
+    return effects, base, cost
+
+
+def patch(
+    model: Any,
+    pairs: Any,
+    nodes: str | Sequence[str] = "head",
+    *,
+    layers: str | Sequence[int] | None = None,
+    per_position: bool = False,
+    direction: str = "noising",
+    metric: str | Metric = "logit-diff",
+    batch_size: int | None = None,
+    memory_gb: float = 2.0,
+    prepend_bos: bool = False,
+    remote: Remote = False,
+    progress: bool = True,
+    checkpoint_dir: Any = None,
+) -> Attribution:
+    """Exact activation patching of every node of ``nodes`` × ``layers``, one node at a time.
+
+    Returns per-pair signed effects, their mean (``mean_effect``) and ``score = |mean|``.
+    """
+    tok = prepare_pairs(model, pairs, prepend_bos)
+    adapter = get_adapter(model)
+    seq_len = common_length(tok) if per_position else None
+    layout = NodeLayout.build(adapter, nodes, layers, seq_len)
+    metric_name, metric_fn = resolve_metric(metric)
+    effects, base, cost = run_node_sets(
+        model,
+        tok,
+        NodeSets.singletons(layout),
+        direction=direction,
+        metric=metric_fn,
+        batch_size=batch_size,
+        memory_gb=memory_gb,
+        remote=remote,
+        progress=progress,
+        checkpoint_dir=checkpoint_dir,
+    )
+    mean = effects.mean(0)
+    return Attribution(
+        nodes=layout.table(),
+        scores=np.abs(mean),
+        per_pair=effects,
+        mean_effect=mean,
+        method="exact",
+        direction=direction,
+        metric=metric_name,
+        model=model_name(model),
+        cost=cost,
+        pairs=[p.__dict__ for p in tok.pairs],
+        metadata={
+            "base_metric": base.tolist(),
+            "per_position": per_position,
+            "layers": list(layout.layers),
+            "kinds": list(layout.kinds),
+        },
+    )
+
+
+def patch_sets(
+    model: Any,
+    pairs: Any,
+    sets: Sequence[Sequence[Node]],
+    *,
+    direction: str = "noising",
+    metric: str | Metric = "logit-diff",
+    batch_size: int | None = None,
+    memory_gb: float = 2.0,
+    prepend_bos: bool = False,
+    remote: Remote = False,
+    progress: bool = True,
+) -> tuple[np.ndarray, float]:
+    """Effects ``[pairs, sets]`` of patching each node set as a whole, and the cost."""
+    tok = prepare_pairs(model, pairs, prepend_bos)
+    node_sets = NodeSets.from_nodes(sets, get_adapter(model))
+    effects, _, cost = run_node_sets(
+        model,
+        tok,
+        node_sets,
+        direction=direction,
+        metric=resolve_metric(metric)[1],
+        batch_size=batch_size,
+        memory_gb=memory_gb,
+        remote=remote,
+        progress=progress,
+    )
+    return effects, cost

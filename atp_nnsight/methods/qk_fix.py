@@ -1,0 +1,376 @@
+"""QK fix of AtP* (Kramár et al. 2024, §3.2.1): recompute the attention softmax exactly.
+
+For query and key nodes AtP* replaces the linear approximation *through* the attention softmax
+by the exact change of the attention probabilities, and linearises only what comes after them
+(spec ``reference/atp-star-paper-spec.md`` §4; ``DESIGN.md`` "QK fix without eager attention").
+Nothing here needs eager attention: the probabilities are rebuilt from the post-rotary ``q``/``k``
+that reach the attention-interface call, together with that call's ``scaling``, mask,
+``sliding_window`` and ``softcap``.
+
+Pure torch (no nnsight, no numpy, no Python loops over positions), so every function also runs
+inside an nnsight trace. Every computation is done in float32 (inputs are cast with
+``.float()``) on the device of the inputs, and every result is float32. No gradient is needed
+through these functions; callers may pass detached tensors.
+
+Conventions (one layer):
+
+* ``q``: ``[B, Hq, T, D]``, ``k``/``v``: ``[B, Hkv, T, D]`` (the layout of the attention call,
+  post-rotary). Grouped-query attention: ``Hq = g * Hkv`` and query head ``h`` reads KV head
+  ``h // g`` (``repeat_interleave`` along dim 1, as ``repeat_kv`` in transformers).
+* ``mask``: ``None`` means plain causal (plus ``sliding_window`` if given: key ``s`` is visible
+  from query ``t`` iff ``t - sliding_window < s <= t``); otherwise a tensor broadcastable to
+  ``[B, 1 | Hq, T, T]`` that already encodes causality/padding/window, and ``sliding_window``
+  is ignored. A bool mask means True = may attend. A float mask is additive (0, or a large
+  negative / ``-inf`` for masked entries); an entry counts as masked when it is ``-inf`` or
+  ``<= finfo(mask.dtype).min / 2``, other values are added to the logits as a bias. A key
+  length longer than ``T`` in the mask is cut to ``T`` (as transformers' eager attention does).
+  With ``mask=None`` and fewer queries than keys, queries are aligned to the last keys.
+* ``scores = softcap * tanh(scaling * q k^T / softcap)`` (without ``softcap`` if it is None),
+  then the mask: bias added, masked entries set to :data:`MASKED` (a finite stand-in for
+  ``-inf``, so that ``exp`` gives exactly 0 and no NaN appears). Probabilities of masked entries
+  are exactly 0; a query row with no visible key (e.g. a left-padding position) gets an all-zero
+  row (eager attention would give a uniform row there) and contributes nothing to any estimate.
+* ``grad_z``: ``[B, T, Hq, D]``, gradient of the metric at the per-head attention output before
+  the output projection (``Adapter.units("head", ...)`` layout).
+* ``G = dM/dA``: ``[B, Hq, T, T]``, ``G[b, h, t, s] = v[b, h // g, s] . grad_z[b, t, h]``
+  (``z_t = sum_s A[t, s] v_s``).
+* Results per position are indexed by the *patched* position (query ``t`` for query nodes,
+  key ``s`` for key nodes); key results are summed over the query heads of each KV group.
+"""
+
+from __future__ import annotations
+
+import torch
+
+MASKED = torch.finfo(torch.float32).min
+"""Value of masked logits in :func:`attention_scores` (finite stand-in for ``-inf``)."""
+
+__all__ = [
+    "MASKED",
+    "attention_grad",
+    "attention_probs",
+    "attention_scores",
+    "key_fix",
+    "key_fix_joint",
+    "qk_estimates",
+    "query_fix",
+    "visible_keys",
+]
+
+
+# --------------------------------------------------------------------------------------------
+# masks and scores
+# --------------------------------------------------------------------------------------------
+def _mask_parts(
+    mask: torch.Tensor | None,
+    sliding_window: int | None,
+    t_q: int,
+    t_k: int,
+    device: torch.device,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(visible, bias)``: bool visibility and float32 additive bias (or None), broadcastable
+    to ``[B, Hq, t_q, t_k]``."""
+    if mask is None:
+        q_pos = torch.arange(t_q, device=device) + (t_k - t_q)
+        k_pos = torch.arange(t_k, device=device)
+        diff = q_pos[:, None] - k_pos[None, :]
+        visible = diff >= 0
+        if sliding_window is not None:
+            visible = visible & (diff < sliding_window)
+        return visible, None
+    mask = mask.to(device)
+    if mask.shape[-1] > t_k:
+        mask = mask[..., :t_k]
+    if mask.dtype == torch.bool:
+        return mask, None
+    threshold = torch.finfo(mask.dtype).min / 2 if mask.is_floating_point() else -(2**30)
+    visible = mask > threshold
+    bias = torch.where(visible, mask.float(), torch.zeros((), device=device))
+    return visible, bias
+
+
+def visible_keys(
+    mask: torch.Tensor | None,
+    t_q: int,
+    t_k: int | None = None,
+    sliding_window: int | None = None,
+    device: torch.device | str | None = None,
+) -> torch.Tensor:
+    """Bool ``[..., t_q, t_k]`` (broadcastable to ``[B, Hq, t_q, t_k]``): True where query ``t``
+    may attend to key ``s`` under the conventions of this module (see the module docstring)."""
+    t_k = t_q if t_k is None else t_k
+    if device is None:
+        device = mask.device if mask is not None else "cpu"
+    return _mask_parts(mask, sliding_window, t_q, t_k, torch.device(device))[0]
+
+
+def _raw_scores(
+    q: torch.Tensor, k: torch.Tensor, scaling: float, softcap: float | None
+) -> torch.Tensor:
+    """``[B, Hq, Tq, Tk]`` float32 logits before masking (GQA without repeating k)."""
+    q = q.float()
+    k = k.float()
+    b, n_q, t_q, d = q.shape
+    n_kv, t_k = k.shape[1], k.shape[2]
+    if n_q % n_kv != 0:
+        raise ValueError(f"query heads ({n_q}) must be a multiple of KV heads ({n_kv})")
+    g = n_q // n_kv
+    # query head h = kv * g + j reads KV head kv: rows of the same group stacked along dim 2
+    s = torch.matmul(q.reshape(b, n_kv, g * t_q, d), k.transpose(-1, -2))
+    s = s.reshape(b, n_q, t_q, t_k) * scaling
+    if softcap is not None:
+        s = torch.tanh(s / softcap) * softcap
+    return s
+
+
+def _scores_visible(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    scaling: float,
+    mask: torch.Tensor | None,
+    sliding_window: int | None,
+    softcap: float | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    s = _raw_scores(q, k, scaling, softcap)
+    visible, bias = _mask_parts(mask, sliding_window, s.shape[-2], s.shape[-1], s.device)
+    if bias is not None:
+        s = s + bias
+    s = torch.where(visible, s, torch.full((), MASKED, device=s.device))
+    return s, visible
+
+
+def _probs_from_scores(scores: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
+    # masked logits are MASKED, so exp underflows to exactly 0 unless the whole row is masked;
+    # the multiplication zeroes such rows (softmax would make them uniform)
+    return torch.softmax(scores, dim=-1) * visible
+
+
+def attention_scores(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    scaling: float,
+    mask: torch.Tensor | None = None,
+    sliding_window: int | None = None,
+    softcap: float | None = None,
+) -> torch.Tensor:
+    """Masked attention logits ``[B, Hq, T, T]`` (float32).
+
+    ``q``: ``[B, Hq, T, D]`` post-rotary, ``k``: ``[B, Hkv, T, D]`` post-rotary (GQA: query head
+    ``h`` uses KV head ``h // (Hq // Hkv)``). Logits are ``scaling * q . k``, soft-capped as
+    ``softcap * tanh(x / softcap)`` if ``softcap`` is given, then the mask is applied: a float
+    mask's bias is added, masked entries are set to :data:`MASKED` (finite, so that ``exp`` of
+    them is exactly 0 and nothing becomes NaN). See the module docstring for ``mask`` and
+    ``sliding_window``.
+    """
+    return _scores_visible(q, k, scaling, mask, sliding_window, softcap)[0]
+
+
+def attention_probs(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    scaling: float,
+    mask: torch.Tensor | None = None,
+    sliding_window: int | None = None,
+    softcap: float | None = None,
+) -> torch.Tensor:
+    """Attention probabilities ``A = softmax(attention_scores(...))``: ``[B, Hq, T, T]`` float32.
+
+    Masked entries are exactly 0; a query row without any visible key is all zeros.
+    """
+    return _probs_from_scores(*_scores_visible(q, k, scaling, mask, sliding_window, softcap))
+
+
+def attention_grad(v: torch.Tensor, grad_z: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """Gradient of the metric w.r.t. the attention probabilities: ``G`` ``[B, Hq, T, T]`` float32.
+
+    ``v``: ``[B, Hkv, T, D]`` (value at the attention call), ``grad_z``: ``[B, T, Hq, D]`` (gradient
+    at the per-head output before the output projection), ``n_heads = Hq``.
+    ``G[b, h, t, s] = v[b, h // g, s, :] . grad_z[b, t, h, :]`` with ``g = Hq // Hkv``, because
+    ``z[b, t, h] = sum_s A[b, h, t, s] v[b, h // g, s]``.
+    """
+    v = v.float()
+    grad_z = grad_z.float()
+    b, t_q, n_q, d = grad_z.shape
+    n_kv, t_k = v.shape[1], v.shape[2]
+    if n_q != n_heads or n_heads % n_kv != 0:
+        raise ValueError(
+            f"grad_z has {n_q} heads, expected n_heads={n_heads}, a multiple of {n_kv} KV heads"
+        )
+    g = n_heads // n_kv
+    gz = grad_z.permute(0, 2, 1, 3).reshape(b, n_kv, g * t_q, d)
+    return torch.matmul(gz, v.transpose(-1, -2)).reshape(b, n_heads, t_q, t_k)
+
+
+def _group_sum(x: torch.Tensor, n_kv: int) -> torch.Tensor:
+    """Sum ``[B, Hq, ...]`` over the query heads of each KV group -> ``[B, Hkv, ...]``."""
+    return x.reshape(x.shape[0], n_kv, x.shape[1] // n_kv, *x.shape[2:]).sum(2)
+
+
+# --------------------------------------------------------------------------------------------
+# query nodes
+# --------------------------------------------------------------------------------------------
+def query_fix(
+    q_clean: torch.Tensor,
+    q_noise: torch.Tensor,
+    k_clean: torch.Tensor,
+    G: torch.Tensor,
+    A: torch.Tensor | None,
+    scaling: float,
+    mask: torch.Tensor | None = None,
+    sliding_window: int | None = None,
+    softcap: float | None = None,
+) -> torch.Tensor:
+    """QK-fixed estimate for every query node (head ``h``, position ``t``): ``[B, Hq, T]`` float32.
+
+    ``Î_Q[t] = sum_s (A'[t, s] - A[t, s]) G[t, s]`` with ``A' = softmax(scores(q_noise, k_clean))``
+    (spec §4.1). Row ``t`` of ``A'`` depends on ``q_noise[t]`` only, so one recomputed pattern
+    gives every single-position query node; and since patching all query positions of a head
+    changes each row exactly as patching that position alone does, ``sum over t`` of the result
+    is exactly the all-positions query node of the head.
+
+    ``q_clean``/``q_noise``: ``[B, Hq, T, D]``, ``k_clean``: ``[B, Hkv, T, D]``, ``G``: from
+    :func:`attention_grad`, ``A``: clean probabilities (recomputed from ``q_clean`` if None).
+    """
+    if A is None:
+        A = attention_probs(q_clean, k_clean, scaling, mask, sliding_window, softcap)
+    A_new = attention_probs(q_noise, k_clean, scaling, mask, sliding_window, softcap)
+    return ((A_new - A.float()) * G.float()).sum(-1)
+
+
+# --------------------------------------------------------------------------------------------
+# key nodes
+# --------------------------------------------------------------------------------------------
+def _exclusive_sum(x: torch.Tensor) -> torch.Tensor:
+    """Leave-one-out sums along the last dim, ``out[..., s] = sum_{s' != s} x[..., s']``, from
+    exclusive prefix and suffix sums (no subtraction, so nothing cancels when ``x[s]``
+    dominates the row)."""
+    zero = torch.zeros_like(x[..., :1])
+    prefix = torch.cat([zero, x[..., :-1].cumsum(-1)], dim=-1)
+    suffix = torch.cat([x[..., 1:].flip(-1).cumsum(-1).flip(-1), zero], dim=-1)
+    return prefix + suffix
+
+
+def key_fix(
+    q_clean: torch.Tensor,
+    k_clean: torch.Tensor,
+    k_noise: torch.Tensor,
+    G: torch.Tensor,
+    A: torch.Tensor | None,
+    scores: torch.Tensor | None,
+    scaling: float,
+    mask: torch.Tensor | None = None,
+    sliding_window: int | None = None,
+    softcap: float | None = None,
+) -> torch.Tensor:
+    """QK-fixed estimate for every single-position key node: ``[B, Hkv, T]`` float32.
+
+    Key node ``(kv, s)``: only ``k[kv, s]`` is patched to its noise value. Every query row ``t``
+    that can see key ``s`` (given by the mask: ``t >= s`` when causal, fewer with a sliding
+    window or padding) is renormalised; the estimate is
+    ``sum_t sum_s' (A'_(s)[t, s'] - A[t, s']) G[t, s']`` summed over the query heads of the group
+    (spec §4.2, Eqs. 9-10). Computed in ``O(T^2)`` per head with the closed form of spec §4.3:
+    with ``a = A[t, s]``, ``x = S'[t, s] - S[t, s]`` (``S' = scores(q_clean, k_noise)``),
+    ``L = 1 - a`` and ``Ḡ_t = sum_s' A[t, s'] G[t, s']``::
+
+        Δ(t, s) = (a' - a) (G[t, s] - Ḡ_t) / (L + a'),    a' = a e^x
+
+    evaluated stably: ``L`` is the leave-one-out mass ``sum_{s' != s} A[t, s']`` and
+    ``G[t, s] - Ḡ_t`` is formed as ``L G[t, s] - sum_{s' != s} A[t, s'] G[t, s']``, both from
+    exclusive prefix + suffix sums (so ``a -> 1`` loses no accuracy to cancellation); for
+    ``x > 0`` the factor ``(a' - a) / (L + a')`` is ``(1 - e^-x) sigmoid(log a + x - log L)``
+    (the spec's ``a (1 - e^-x) / (a + L e^-x)``, with ``log a = S - logsumexp_t`` so that it
+    survives ``a`` underflowing), for ``x <= 0`` it is ``a expm1(x) / (L + a e^x)``. Masked
+    ``(t, s)`` contribute 0, and so does a row with a single visible key (``Δ = 0``).
+    Remaining limitation: when the other keys of a row underflow in float32 (logit gap above
+    ~87 nats) and the patch lowers the dominant key by as much, the estimate is 0.
+
+    ``q_clean``: ``[B, Hq, T, D]``, ``k_clean``/``k_noise``: ``[B, Hkv, T, D]``, ``G``:
+    ``[B, Hq, T, T]``; ``A`` and ``scores``: clean probabilities and masked logits
+    (:func:`attention_probs`, :func:`attention_scores`; recomputed if None). No
+    ``[B, H, T, T, D]`` tensor is formed.
+    """
+    if scores is None:
+        scores = attention_scores(q_clean, k_clean, scaling, mask, sliding_window, softcap)
+    scores = scores.float()
+    s_new, visible = _scores_visible(q_clean, k_noise, scaling, mask, sliding_window, softcap)
+    if A is None:
+        A = _probs_from_scores(scores, visible)
+    A = A.float() * visible
+    G = G.float()
+    zero = torch.zeros((), device=scores.device)
+
+    x = torch.where(visible, s_new - scores, zero)
+    loo_mass = _exclusive_sum(A)  # L = 1 - a, accurately
+    centred = loo_mass * G - _exclusive_sum(A * G)  # G[t,s] - Ḡ_t
+    log_a = scores - torch.logsumexp(scores, dim=-1, keepdim=True)
+
+    pos = x > 0
+    x_pos = torch.where(pos, x, zero)
+    x_neg = torch.where(pos, zero, x)
+    # x > 0: (1 - e^-x) * a / (a + L e^-x)
+    w_pos = -torch.expm1(-x_pos) * torch.sigmoid(log_a + x_pos - torch.log(loo_mass))
+    # x <= 0: a (e^x - 1) / (L + a e^x); divide `centred` (of order L) first, as the weight
+    # alone can overflow when L is tiny
+    den = loo_mass + A * torch.exp(x_neg)
+    ratio = centred / torch.where(den > 0, den, torch.ones((), device=den.device))
+    delta = torch.where(pos, w_pos * centred, A * torch.expm1(x_neg) * ratio)
+    delta = torch.where(visible, delta, zero)
+    return _group_sum(delta.sum(-2), k_clean.shape[1])
+
+
+def key_fix_joint(
+    q_clean: torch.Tensor,
+    k_clean: torch.Tensor,
+    k_noise: torch.Tensor,
+    G: torch.Tensor,
+    A: torch.Tensor | None,
+    scaling: float,
+    mask: torch.Tensor | None = None,
+    sliding_window: int | None = None,
+    softcap: float | None = None,
+) -> torch.Tensor:
+    """QK-fixed estimate for the all-positions key node of each KV head: ``[B, Hkv]`` float32.
+
+    Every key of the head is patched at once: ``sum_t sum_s (softmax(S'')[t, s] - A[t, s]) G[t, s]``
+    with ``S'' = scores(q_clean, k_noise)``, summed over the group's query heads. This is *not*
+    the sum of the per-position values of :func:`key_fix`: a query row sees all of its keys
+    change together and is renormalised once, and the softmax is not additive over separate
+    changes to its logits (only to first order in the changes do the two agree). Conversely a
+    per-key value cannot be obtained from this joint pattern (spec §4.2).
+    """
+    if A is None:
+        A = attention_probs(q_clean, k_clean, scaling, mask, sliding_window, softcap)
+    A_new = attention_probs(q_clean, k_noise, scaling, mask, sliding_window, softcap)
+    per_head = ((A_new - A.float()) * G.float()).sum((-2, -1))
+    return _group_sum(per_head, k_clean.shape[1])
+
+
+def qk_estimates(
+    q_c: torch.Tensor,
+    k_c: torch.Tensor,
+    v_c: torch.Tensor,
+    q_n: torch.Tensor,
+    k_n: torch.Tensor,
+    grad_z: torch.Tensor,
+    scaling: float,
+    mask: torch.Tensor | None = None,
+    sliding_window: int | None = None,
+    softcap: float | None = None,
+    per_position: bool = True,
+) -> dict[str, torch.Tensor]:
+    """QK-fixed estimates of one layer's query and key nodes (clean run, noise patched in).
+
+    Inputs as in the module docstring (``*_c`` clean, ``*_n`` noise; ``grad_z`` on the clean
+    run). Returns ``{"q": [B, Hq, T], "k": [B, Hkv, T]}`` with ``per_position=True``, else
+    ``{"q": [B, Hq], "k": [B, Hkv]}`` for the all-positions nodes (``q`` summed over positions,
+    which is exact; ``k`` from :func:`key_fix_joint`). All float32.
+    """
+    scores, visible = _scores_visible(q_c, k_c, scaling, mask, sliding_window, softcap)
+    A = _probs_from_scores(scores, visible)
+    G = attention_grad(v_c, grad_z, q_c.shape[1])
+    q_est = query_fix(q_c, q_n, k_c, G, A, scaling, mask, sliding_window, softcap)
+    if per_position:
+        k_est = key_fix(q_c, k_c, k_n, G, A, scores, scaling, mask, sliding_window, softcap)
+        return {"q": q_est, "k": k_est}
+    k_est = key_fix_joint(q_c, k_c, k_n, G, A, scaling, mask, sliding_window, softcap)
+    return {"q": q_est.sum(-1), "k": k_est}

@@ -1,0 +1,51 @@
+"""Model loading and architecture adapters (one module per family)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from atp_nnsight.models import gpt2, gpt_neox, llama
+from atp_nnsight.models.adapter import Adapter, AttentionCall
+
+FAMILIES = {
+    "gpt2": gpt2.make_adapter,
+    "gpt_neox": gpt_neox.make_adapter,
+    "llama": llama.make_adapter,
+    "mistral": llama.make_adapter,
+    "qwen2": llama.make_adapter,
+}
+"""``config.model_type`` → adapter factory."""
+
+
+class UnsupportedArchitectureError(ValueError):
+    """The model's architecture has no adapter."""
+
+
+def adapter_for_config(config: Any) -> Adapter:
+    """The adapter for a transformers config; raises for unsupported families."""
+    model_type = getattr(config, "model_type", None)
+    if model_type not in FAMILIES:
+        raise UnsupportedArchitectureError(
+            f"unsupported architecture {model_type!r}; supported model types: "
+            f"{', '.join(sorted(FAMILIES))} (GPT-2, GPT-NeoX/Pythia, Llama/Mistral/Qwen2/SmolLM2)"
+        )
+    return FAMILIES[model_type](config)
+
+
+def get_adapter(model: Any) -> Adapter:
+    """The adapter of an nnsight-wrapped transformers model (cached on the wrapper)."""
+    cached = getattr(model, "_atp_adapter", None)
+    if cached is None:
+        cached = adapter_for_config(model._module.config)
+        object.__setattr__(model, "_atp_adapter", cached)
+    return cached
+
+
+__all__ = [
+    "Adapter",
+    "AttentionCall",
+    "FAMILIES",
+    "UnsupportedArchitectureError",
+    "adapter_for_config",
+    "get_adapter",
+]

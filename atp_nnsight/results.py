@@ -1,0 +1,157 @@
+"""The one result type of every method: :class:`Attribution`.
+
+Conventions: ``per_pair[p, n]`` is the per-pair value of node ``n`` on pair ``p`` (a signed
+effect or estimate, ``metric(patched) - metric(unpatched)``; for GradDrop methods the per-pair
+unsigned score). ``scores`` ranks nodes (higher = more important): ``|mean effect|`` for exact
+patching, ``mean_pairs |estimate|`` for the AtP family. ``mean_effect`` is the signed mean over
+pairs where the method has one, else ``None``. ``cost`` is in forward-pass equivalents
+(one backward counts as 2), summed over all pairs.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from atp_nnsight.types import Node
+
+NODE_COLUMNS = ["kind", "layer", "index", "position"]
+
+
+@dataclass
+class Attribution:
+    """Node table + ranking scores + per-pair values + metadata of one method run."""
+
+    nodes: pd.DataFrame
+    scores: np.ndarray
+    per_pair: np.ndarray
+    mean_effect: np.ndarray | None
+    method: str
+    direction: str
+    metric: str
+    model: str
+    cost: float
+    pairs: list[dict[str, str]] = field(default_factory=list)
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        n = len(self.nodes)
+        if self.scores.shape != (n,) or self.per_pair.ndim != 2 or self.per_pair.shape[1] != n:
+            raise ValueError(
+                f"inconsistent result: {n} nodes, scores {self.scores.shape}, "
+                f"per_pair {self.per_pair.shape}"
+            )
+
+    def __len__(self) -> int:
+        return len(self.nodes)
+
+    def __repr__(self) -> str:
+        return (
+            f"Attribution(method={self.method!r}, nodes={len(self)}, pairs={self.per_pair.shape[0]}, "
+            f"direction={self.direction!r}, metric={self.metric!r}, cost={self.cost:g})"
+        )
+
+    def node(self, i: int) -> Node:
+        row = self.nodes.iloc[i]
+        pos = row["position"]
+        return Node(
+            str(row["kind"]),
+            int(row["layer"]),
+            int(row["index"]),
+            None if pd.isna(pos) else int(pos),
+        )
+
+    def ranking(self) -> np.ndarray:
+        """Node indices by descending score; ties broken by node order (stable)."""
+        return np.argsort(-self.scores, kind="stable")
+
+    def to_dataframe(self) -> pd.DataFrame:
+        """One row per node: ``kind, layer, index, position, score, mean_effect, rank``."""
+        df = self.nodes.copy()
+        df["score"] = self.scores
+        df["mean_effect"] = np.nan if self.mean_effect is None else self.mean_effect
+        rank = np.empty(len(self), dtype=np.int64)
+        rank[self.ranking()] = np.arange(1, len(self) + 1)
+        df["rank"] = rank
+        return df
+
+    def top(self, k: int = 10, kind: str | None = None) -> pd.DataFrame:
+        """The ``k`` highest-scoring nodes (optionally of one kind), best first."""
+        df = self.to_dataframe()
+        if kind is not None:
+            df = df[df["kind"] == kind]
+        return df.sort_values("rank").head(k)
+
+    # ---- persistence -------------------------------------------------------------------------
+    def to_csv(self, path: str | Path) -> Path:
+        """CSV with ``kind,layer,index,position,score,mean_effect`` (position empty if summed)."""
+        path = Path(path)
+        cols = NODE_COLUMNS + ["score", "mean_effect"]
+        self.to_dataframe()[cols].to_csv(path, index=False)
+        return path
+
+    def save(self, path: str | Path) -> Path:
+        """Save everything (node table, scores, per-pair values, metadata) to one ``.npz``."""
+        path = Path(path)
+        if path.suffix != ".npz":
+            path = path.with_suffix(".npz")
+        meta = {
+            "method": self.method,
+            "direction": self.direction,
+            "metric": self.metric,
+            "model": self.model,
+            "cost": self.cost,
+            "pairs": self.pairs,
+            "metadata": self.metadata,
+        }
+        pos = self.nodes["position"].to_numpy(dtype=np.float64, na_value=np.nan)
+        arrays = {
+            "kind": self.nodes["kind"].to_numpy(dtype=str),
+            "layer": self.nodes["layer"].to_numpy(dtype=np.int64),
+            "index": self.nodes["index"].to_numpy(dtype=np.int64),
+            "position": pos,
+            "scores": self.scores,
+            "per_pair": self.per_pair,
+            "meta": np.array(json.dumps(meta, default=_json_default)),
+        }
+        if self.mean_effect is not None:
+            arrays["mean_effect"] = self.mean_effect
+        path.parent.mkdir(parents=True, exist_ok=True)
+        np.savez_compressed(path, **arrays)
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> Attribution:
+        with np.load(Path(path), allow_pickle=False) as z:
+            meta = json.loads(str(z["meta"]))
+            pos = z["position"]
+            nodes = pd.DataFrame(
+                {
+                    "kind": z["kind"].astype(object),
+                    "layer": z["layer"],
+                    "index": z["index"],
+                    "position": pd.array(
+                        [None if np.isnan(p) else int(p) for p in pos], dtype="Int64"
+                    ),
+                }
+            )
+            return cls(
+                nodes=nodes,
+                scores=z["scores"],
+                per_pair=z["per_pair"],
+                mean_effect=z["mean_effect"] if "mean_effect" in z.files else None,
+                **meta,
+            )
+
+
+def _json_default(obj: Any) -> Any:
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    return str(obj)
