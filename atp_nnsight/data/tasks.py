@@ -25,7 +25,8 @@ IOI_NAMES: tuple[str, ...] = (
     "Laura", "Rachel", "Daniel", "Andrew", "Peter", "George", "Henry", "Lucy", "Grace", "Rose",
     "Eric", "Kevin", "Steve", "Jane", "Amy", "Linda", "Susan", "Chris", "Tim", "Adam",
 )  # fmt: skip
-"""Common first names; each is one token with a leading space in GPT-2/Llama-style BPEs."""
+"""Common first names (all single tokens with a leading space under SmolLM2; with a tokenizer,
+:func:`ioi_pairs` drops any that are not)."""
 
 IOI_PLACES: tuple[str, ...] = (
     "store", "park", "school", "hospital", "restaurant", "station",

@@ -182,6 +182,7 @@ def _write_atomically(target: Path, write: Callable[[Path], None]) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{target.name}-", dir=target.parent))
     try:
         write(tmp)
+        os.chmod(tmp, 0o755)  # mkdtemp makes it 0700
         try:
             os.rename(tmp, target)
         except OSError:
@@ -368,9 +369,7 @@ def load_model(
                 "remote=True needs the Hugging Face Hub id of a model hosted on NDIF (e.g. "
                 "'meta-llama/Llama-3.1-8B'); the bundled model runs locally only"
             )
-        return _load_remote(
-            name, dtype=dtype, attn_implementation=attn_implementation, **kwargs
-        )
+        return _load_remote(name, dtype=dtype, attn_implementation=attn_implementation, **kwargs)
 
     torch_dtype = resolve_dtype(dtype)
     load_kwargs: dict[str, Any] = {"dtype": torch_dtype, **kwargs}
@@ -401,23 +400,36 @@ def load_model(
     return _wrap(hf, tokenizer)
 
 
-def _load_remote(
-    name: str, *, dtype: Any, attn_implementation: str | None, **kwargs: Any
-) -> Any:
-    from nnsight.modeling.transformers import TransformersModel
-
+def _load_remote(name: str, *, dtype: Any, attn_implementation: str | None, **kwargs: Any) -> Any:
     if os.path.isdir(os.path.expanduser(name)):
         raise ValueError(
             f"remote=True needs a Hugging Face Hub id, not a local directory ({name!r}): NDIF "
             "identifies the model by its hub id"
         )
+    return _build_meta(name, dtype=dtype, attn_implementation=attn_implementation, **kwargs)
+
+
+def _build_meta(
+    source: str, *, dtype: Any = None, attn_implementation: str | None = None, **kwargs: Any
+) -> Any:
+    """An undispatched ``TransformersModel`` on the meta device (architecture validated first).
+
+    The task and the tokenizer are given explicitly: nnsight would otherwise infer the task
+    with an extra Hub request, and with transformers 5.23 it fails to infer the tokenizer.
+    """
+    from nnsight.modeling.transformers import TransformersModel
+    from transformers import AutoTokenizer
+
     config_kwargs = {k: v for k, v in kwargs.items() if k in _CONFIG_KWARGS}
-    _validate_architecture(_load_config(name, **config_kwargs))
+    _validate_architecture(_load_config(source, **config_kwargs))
     if dtype is not None:
         kwargs["dtype"] = resolve_dtype(dtype)
     if attn_implementation is not None:
         kwargs["attn_implementation"] = attn_implementation
-    return TransformersModel(name, **kwargs)  # not dispatched: built on meta, no weights
+    kwargs.setdefault("task", "text-generation")
+    if "tokenizer" not in kwargs:
+        kwargs["tokenizer"] = AutoTokenizer.from_pretrained(source, **config_kwargs)
+    return TransformersModel(source, **kwargs)  # not dispatched: built on meta, no weights
 
 
 __all__ = [

@@ -44,7 +44,7 @@ BIAS_STD = 0.1
 
 
 def tiny_tokenizer(vocab_size: int = VOCAB_SIZE) -> PreTrainedTokenizerFast:
-    """Offline whitespace/word-level tokenizer: ``w0 .. w{V-3}``, ``<unk>`` = V-2, ``<eos>`` = V-1."""
+    """Offline word-level tokenizer: ``w0 .. w{V-3}``, ``<unk>`` = V-2, ``<eos>`` = V-1."""
     from tokenizers import Tokenizer, models, pre_tokenizers
 
     if vocab_size < 3:

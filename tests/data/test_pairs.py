@@ -30,7 +30,9 @@ PAIRS = [
         " France",
         " Germany",
     ),
-    PromptPair("Tricky, \"quoted\" text\nwith a newline", "ünïcödé, commas; and 'quotes'", " a", " b"),
+    PromptPair(
+        'Tricky, "quoted" text\nwith a newline', "ünïcödé, commas; and 'quotes'", " a", " b"
+    ),
 ]
 
 # token lengths under SmolLM2: 14, 10, 14, 4, 10, 14
@@ -243,8 +245,12 @@ def test_tokenize_matches_tokenizer(tokenizer):
         assert tp.clean_ids[i].dtype == torch.long and tp.clean_ids[i].dim() == 1
         assert tp.clean_ids[i].tolist() == tokenizer(p.clean)["input_ids"]
         assert tp.noise_ids[i].tolist() == tokenizer(p.noise)["input_ids"]
-        assert [int(tp.clean_target[i])] == tokenizer.encode(p.clean_target, add_special_tokens=False)
-        assert [int(tp.noise_target[i])] == tokenizer.encode(p.noise_target, add_special_tokens=False)
+        assert [int(tp.clean_target[i])] == tokenizer.encode(
+            p.clean_target, add_special_tokens=False
+        )
+        assert [int(tp.noise_target[i])] == tokenizer.encode(
+            p.noise_target, add_special_tokens=False
+        )
     assert tp.clean_target.shape == tp.noise_target.shape == (len(MIXED),)
     assert tp.clean_target.dtype == torch.long
     assert tp.lengths == [14, 10, 14, 4, 10, 14]
@@ -262,7 +268,9 @@ def test_prepend_bos(tokenizer):
         assert bos.noise_ids[i].tolist() == [b, *plain.noise_ids[i].tolist()]
     assert torch.equal(bos.clean_target, plain.clean_target)
     # not doubled when the prompt already starts with BOS
-    already = PromptPair(tokenizer.bos_token + "Hello there", tokenizer.bos_token + "Hi there", " a", " b")
+    already = PromptPair(
+        tokenizer.bos_token + "Hello there", tokenizer.bos_token + "Hi there", " a", " b"
+    )
     tp = tokenize_pairs([already], tokenizer, prepend_bos=True)
     assert tp.clean_ids[0].tolist().count(b) == 1
 

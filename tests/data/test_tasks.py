@@ -80,9 +80,7 @@ def test_ioi_construction():
         assert not set(noise) & {io, s}
         # same template, place and object: only the names differ
         assert NAME_RE.sub("_", p.clean) == NAME_RE.sub("_", p.noise)
-        assert any(
-            NAME_RE.sub("_", p.clean).startswith(t.split("{0}")[0]) for t in IOI_TEMPLATES
-        )
+        assert any(NAME_RE.sub("_", p.clean).startswith(t.split("{0}")[0]) for t in IOI_TEMPLATES)
     assert orders[:4] == ["ABBA", "BABA", "ABBA", "BABA"]
     assert orders.count("ABBA") == orders.count("BABA") == 30
     assert len({NAME_RE.sub("_", p.clean) for p in pairs}) > 10

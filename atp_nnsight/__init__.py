@@ -1,0 +1,58 @@
+"""atp_nnsight: find which components of a language model cause a behaviour, with AtP*.
+
+Four calls cover the common path::
+
+    model = load_model()                                  # bundled SmolLM2-135M (or "org/name")
+    pairs = ioi_pairs(16, tokenizer=model.tokenizer)      # or load_pairs("pairs.jsonl")
+    result = attribute(model, pairs, "head,q,k,v,neuron", method="atp*")
+    truth = patch(model, pairs, "head")                   # exact activation patching
+
+Conventions: noising by default (patch noise activations into the clean run; gradients on the
+clean run); effects are ``metric(patched) - metric(unpatched)``, signed; the default metric is
+the last-position logit difference ``logit[clean_target] - logit[noise_target]``; AtP methods
+rank by ``mean over pairs of |estimate|``; costs are forward-pass equivalents (backward = 2).
+"""
+
+from atp_nnsight.data import (
+    PromptPair,
+    factual_pairs,
+    ioi_pairs,
+    keep_correct,
+    load_pairs,
+    make_task,
+    random_pairs,
+    save_pairs,
+    tokenize_pairs,
+)
+from atp_nnsight.methods.atp import METHODS, attribute
+from atp_nnsight.methods.exact import patch, patch_sets
+from atp_nnsight.metrics import logit_diff, logprob
+from atp_nnsight.models import get_adapter
+from atp_nnsight.models.loading import load_model
+from atp_nnsight.models.tiny import tiny_model
+from atp_nnsight.results import Attribution
+from atp_nnsight.types import NODE_KINDS, Node
+
+__all__ = [
+    "METHODS",
+    "NODE_KINDS",
+    "Attribution",
+    "Node",
+    "PromptPair",
+    "attribute",
+    "factual_pairs",
+    "get_adapter",
+    "ioi_pairs",
+    "keep_correct",
+    "load_model",
+    "load_pairs",
+    "logit_diff",
+    "logprob",
+    "make_task",
+    "patch",
+    "patch_sets",
+    "random_pairs",
+    "save_pairs",
+    "tiny_model",
+    "tokenize_pairs",
+]

@@ -1,0 +1,160 @@
+"""``atp-nnsight``: a thin command line over the library.
+
+Subcommands: ``patch`` (exact activation patching) and ``attribute`` (AtP family). Both write
+``--out FILE.csv`` (one row per node: ``kind,layer,index,position,score,mean_effect``) and the
+full result with per-pair values beside it (``FILE.npz``, load with ``Attribution.load``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+ALL_KINDS = "head,q,k,v,neuron,resid,attn_out,mlp_out"
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--model",
+        default=None,
+        help="hub id or local directory (default: bundled SmolLM2-135M-Instruct)",
+    )
+    p.add_argument(
+        "--pairs",
+        default=None,
+        help="prompt pairs (.jsonl/.csv with clean,noise,clean_target,noise_target); "
+        "default: built-in --task pairs",
+    )
+    p.add_argument(
+        "--task",
+        default="ioi",
+        choices=["ioi", "factual", "random"],
+        help="built-in task used when --pairs is not given (default: ioi)",
+    )
+    p.add_argument("--n-pairs", type=int, default=16, help="built-in pairs to generate")
+    p.add_argument("--seed", type=int, default=0, help="seed of the built-in pairs")
+    p.add_argument("--nodes", default="head", help=f"node kinds, comma-separated ({ALL_KINDS})")
+    p.add_argument("--layers", default=None, help="layers, e.g. '0-3,29' (default: all)")
+    p.add_argument(
+        "--per-position",
+        action="store_true",
+        help="one node per position (0-based from the first token) instead of summed",
+    )
+    p.add_argument("--direction", default="noising", choices=["noising", "denoising"])
+    p.add_argument("--metric", default="logit-diff", choices=["logit-diff", "logprob"])
+    p.add_argument("--prepend-bos", action="store_true", help="prepend the tokenizer's BOS token")
+    p.add_argument(
+        "--remote",
+        default="none",
+        choices=["none", "local", "ndif"],
+        help="run on NDIF (needs NDIF_API_KEY), or 'local' to dry-run the request",
+    )
+    p.add_argument("--out", default=None, help="CSV of node scores (full result saved as .npz)")
+    p.add_argument("--top", type=int, default=20, help="rows of the ranked table to print")
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="atp-nnsight",
+        description="Localize a language model's behaviour to its components (AtP*, nnsight).",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("patch", help="exact activation patching, one node at a time")
+    _common(p)
+    p.add_argument("--batch-size", type=int, default=None, help="patched rows per forward")
+    a = sub.add_parser("attribute", help="AtP / AtP+QK / AtP+GD / AtP* estimates of every node")
+    _common(a)
+    a.add_argument("--method", default="atp*", choices=["atp", "atp+qk", "atp+gd", "atp*"])
+    a.add_argument(
+        "--pairs-per-chunk",
+        type=int,
+        default=16,
+        help="pairs per forward/backward and per remote session",
+    )
+    return parser
+
+
+def _remote(value: str) -> Any:
+    return {"none": False, "local": "local", "ndif": True}[value]
+
+
+def load_inputs(args: argparse.Namespace) -> tuple[Any, list[Any]]:
+    """The model and prompt pairs the arguments ask for."""
+    from atp_nnsight.data import keep_correct, load_pairs, make_task
+    from atp_nnsight.models.loading import load_model
+
+    model = load_model(args.model, remote=args.remote == "ndif")
+    if args.pairs is not None:
+        pairs = load_pairs(args.pairs)
+    else:
+        pairs = make_task(args.task, args.n_pairs, seed=args.seed, tokenizer=model.tokenizer)
+        if args.remote != "ndif":
+            pairs = keep_correct(model, pairs, prepend_bos=args.prepend_bos)
+    return model, pairs
+
+
+def print_table(df: pd.DataFrame, title: str) -> None:
+    show = df[["rank", "kind", "layer", "index", "position", "score", "mean_effect"]]
+    print(f"\n{title}")
+    print(show.to_string(index=False, float_format=lambda x: f"{x:.4f}"))
+
+
+def write_outputs(result: Any, out: str | None) -> None:
+    if out is None:
+        return
+    csv = result.to_csv(out)
+    npz = result.save(Path(out).with_suffix(".npz"))
+    print(f"\nwrote {csv} and {npz}")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    started = time.perf_counter()
+    try:
+        model, pairs = load_inputs(args)
+        common = dict(
+            layers=args.layers,
+            per_position=args.per_position,
+            direction=args.direction,
+            metric=args.metric,
+            prepend_bos=args.prepend_bos,
+            remote=_remote(args.remote),
+            progress=not args.no_progress,
+        )
+        if args.command == "patch":
+            from atp_nnsight.methods.exact import patch
+
+            result = patch(model, pairs, args.nodes, batch_size=args.batch_size, **common)
+        else:
+            from atp_nnsight.methods.atp import attribute
+
+            result = attribute(
+                model,
+                pairs,
+                args.nodes,
+                method=args.method,
+                pairs_per_chunk=args.pairs_per_chunk,
+                **common,
+            )
+    except (ValueError, RuntimeError, FileNotFoundError) as err:
+        print(f"atp-nnsight: error: {err}", file=sys.stderr)
+        return 2
+    print(
+        f"{result.method} on {result.model}: {len(pairs)} pairs, {len(result)} nodes, "
+        f"{result.direction}, metric {result.metric}, cost {result.cost:g} forward passes, "
+        f"{time.perf_counter() - started:.1f} s"
+    )
+    print_table(result.top(args.top), f"top {args.top} nodes by score")
+    write_outputs(result, args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

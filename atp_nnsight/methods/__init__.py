@@ -1,0 +1,1 @@
+"""Methods: plain functions ``(model, pairs, nodes, options) -> Attribution``."""
