@@ -10,16 +10,26 @@ backend chosen by ``remote``:
 * ``True`` — NDIF (needs an API key and a model deployed there);
 * an nnsight backend object — used as given (tests use an in-process emulated server).
 
-Finished chunks are written to a checkpoint directory (by default for remote runs); a failed
-run keeps them, and rerunning the same call resumes from them instead of recomputing.
+With ``checkpoint_dir`` finished chunks are written there; a failed run keeps them, and
+rerunning the same call resumes from them instead of recomputing. The folder records a
+fingerprint of its run (``run.json``), so a different call pointed at it fails instead of
+silently reusing the other run's chunks.
+
+NDIF does not have ``atp_nnsight`` installed, and nnsight ships by value only modules that are
+*not* installed (``nnsight.ndif.pull_env``); so every remote run registers ``atp_nnsight`` for
+pickling by value (:func:`ship_by_value`), otherwise the server cannot unpickle the chunk
+bodies (``ModuleNotFoundError: No module named 'atp_nnsight'``).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import hashlib
 import json
 import os
-from collections.abc import Callable, Sequence
+import types
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -101,6 +111,121 @@ def run_key(**parts: Any) -> str:
     return h.hexdigest()[:20]
 
 
+def ship_by_value() -> None:
+    """Register ``atp_nnsight`` so nnsight pickles its code by value in remote requests.
+
+    The request references the chunk body (``_atp_body``/``_patch_body``) and the chunk's
+    dataclasses and metric; pickled by reference they need ``atp_nnsight`` importable on the
+    server, which NDIF does not provide. nnsight's automatic registration skips installed
+    packages, and ``remote="local"`` cannot catch this (it keeps every module whose name
+    contains ``"nnsight"``). Idempotent; affects only cloudpickle, not ``torch.save``.
+    """
+    import atp_nnsight
+
+    nnsight.register(atp_nnsight)
+
+
+def _feed(h: Any, obj: Any, depth: int = 0) -> None:
+    """Hash ``obj`` by content: tensors/arrays by bytes, dataclasses by fields, code by code."""
+    if depth > 50:
+        raise ValueError("object too deeply nested to fingerprint")
+    d = depth + 1
+    if obj is None or isinstance(obj, (bool, int, float, complex, str, bytes)):
+        h.update(f"{type(obj).__name__}:{obj!r};".encode())
+    elif isinstance(obj, torch.Tensor):
+        t = obj.detach()
+        h.update(f"tensor:{t.dtype}:{tuple(t.shape)}:{t.device.type};".encode())
+        if t.device.type != "meta":
+            h.update(t.cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    elif type(obj).__module__ == "numpy" and hasattr(obj, "tobytes"):
+        h.update(f"ndarray:{obj.dtype}:{getattr(obj, 'shape', ())};".encode())
+        h.update(obj.tobytes())
+    elif dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        h.update(f"dc:{type(obj).__module__}.{type(obj).__qualname__};".encode())
+        for f in dataclasses.fields(obj):
+            h.update(f.name.encode())
+            _feed(h, getattr(obj, f.name), d)
+    elif isinstance(obj, Mapping):
+        h.update(b"map;")
+        for k in sorted(obj, key=repr):
+            _feed(h, k, d)
+            _feed(h, obj[k], d)
+    elif isinstance(obj, (list, tuple)):
+        h.update(f"{type(obj).__name__}:{len(obj)};".encode())
+        for x in obj:
+            _feed(h, x, d)
+    elif isinstance(obj, (set, frozenset)):
+        h.update(f"set:{len(obj)};".encode())
+        for x in sorted(obj, key=repr):
+            _feed(h, x, d)
+    elif isinstance(obj, functools.partial):
+        h.update(b"partial;")
+        _feed(h, (obj.func, obj.args, obj.keywords), d)
+    elif isinstance(obj, types.CodeType):
+        h.update(obj.co_code)
+        h.update(repr(obj.co_names).encode())
+        _feed(h, tuple(c for c in obj.co_consts), d)
+    elif isinstance(obj, (types.FunctionType, types.MethodType)):
+        func = getattr(obj, "__func__", obj)
+        h.update(f"fn:{func.__module__}.{func.__qualname__};".encode())
+        _feed(h, func.__code__, d)
+        _feed(h, (func.__defaults__, func.__kwdefaults__), d)
+        for cell in func.__closure__ or ():
+            try:
+                _feed(h, cell.cell_contents, d)
+            except ValueError:  # empty cell
+                h.update(b"empty-cell;")
+        if obj is not func:
+            _feed(h, obj.__self__, d)
+    elif isinstance(obj, (type, types.BuiltinFunctionType, types.ModuleType)):
+        name = obj.__qualname__ if isinstance(obj, type) else obj.__name__
+        h.update(f"ref:{getattr(obj, '__module__', '')}.{name};".encode())
+    elif hasattr(obj, "__dict__"):
+        h.update(f"obj:{type(obj).__module__}.{type(obj).__qualname__};".encode())
+        _feed(h, vars(obj), d)
+    else:
+        h.update(f"{type(obj).__qualname__}:{obj!r};".encode())
+
+
+def run_fingerprint(model: Any, chunks: Sequence[Any], body: Callable, desc: str) -> str:
+    """A content hash of one :func:`run_chunks` call: model identity, body and all chunks.
+
+    The model enters through its config and a small sample of its first and last parameters
+    (skipped for weights on the meta device), not a hash of every weight.
+    """
+    h = hashlib.sha256()
+    module = getattr(model, "_module", model)
+    config = getattr(module, "config", None)
+    h.update(repr(getattr(model, "repo_id", None)).encode())
+    if config is not None:
+        h.update(json.dumps(config.to_dict(), sort_keys=True, default=repr).encode())
+    params = list(module.parameters()) if isinstance(module, torch.nn.Module) else []
+    for p in params[:1] + params[-1:]:
+        _feed(h, p.detach().reshape(-1)[:256])
+    _feed(h, body)
+    h.update(desc.encode())
+    _feed(h, list(chunks))
+    return h.hexdigest()
+
+
+def _check_folder(folder: Path, fingerprint: str) -> None:
+    """Refuse a checkpoint folder that holds chunks of a different run."""
+    manifest = folder / "run.json"
+    if manifest.exists():
+        stored = json.loads(manifest.read_text()).get("fingerprint")
+        if stored == fingerprint:
+            return
+        raise ValueError(
+            f"checkpoint_dir {folder} holds the chunks of a different run (other model, "
+            "pairs, nodes, method or settings); use another checkpoint_dir or delete it"
+        )
+    if any(folder.glob("chunk_*.pt")):
+        raise ValueError(
+            f"checkpoint_dir {folder} holds chunk files without a run.json fingerprint; "
+            "their run cannot be verified — use another checkpoint_dir or delete them"
+        )
+
+
 def default_checkpoint_dir(key: str) -> Path:
     from platformdirs import user_cache_dir
 
@@ -125,7 +250,14 @@ def run_chunks(
     """
     check_remote(model, remote)
     kwargs = session_kwargs(remote)
+    if is_remote(remote):
+        ship_by_value()
     folder = Path(checkpoint_dir) if checkpoint_dir is not None else None
+    fingerprint = None
+    if folder is not None:
+        fingerprint = run_fingerprint(model, chunks, body, desc)
+        if folder.exists():
+            _check_folder(folder, fingerprint)
     results: list[Any] = []
     bar = tqdm(total=len(chunks), desc=desc, disable=not progress or len(chunks) <= 1, leave=False)
     for i, chunk in enumerate(chunks):
@@ -153,6 +285,9 @@ def run_chunks(
             ) from err
         if path is not None:
             folder.mkdir(parents=True, exist_ok=True)
+            manifest = folder / "run.json"
+            if not manifest.exists():
+                manifest.write_text(json.dumps({"fingerprint": fingerprint, "desc": desc}))
             tmp = path.with_suffix(".tmp")
             torch.save(out, tmp)
             tmp.replace(path)

@@ -240,14 +240,41 @@ def query_fix(
 # --------------------------------------------------------------------------------------------
 # key nodes
 # --------------------------------------------------------------------------------------------
-def _exclusive_sum(x: torch.Tensor) -> torch.Tensor:
-    """Leave-one-out sums along the last dim, ``out[..., s] = sum_{s' != s} x[..., s']``, from
-    exclusive prefix and suffix sums (no subtraction, so nothing cancels when ``x[s]``
-    dominates the row)."""
-    zero = torch.zeros_like(x[..., :1])
-    prefix = torch.cat([zero, x[..., :-1].cumsum(-1)], dim=-1)
-    suffix = torch.cat([x[..., 1:].flip(-1).cumsum(-1).flip(-1), zero], dim=-1)
-    return prefix + suffix
+def _leave_one_out(
+    scores: torch.Tensor, G: torch.Tensor, visible: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per ``(t, s)``: ``log A[t, s]``, ``log L[t, s]`` with ``L = sum_{s' != s} A[t, s']`` (the
+    leave-one-out mass, ``1 - a`` without cancellation) and ``G[t, s] - Ḡ_{-s}[t]`` where
+    ``Ḡ_{-s}`` is the mean of ``G[t, s']`` over ``s' != s`` weighted by ``A[t, s']``.
+
+    No cancellation and no underflow, even when one key holds almost all of the row: for ``s``
+    not the row maximum, the other keys include the maximum, so their mass relative to
+    ``exp(max)`` is at least 1 and removing key ``s`` (at most 1) from the row sum cancels
+    nothing; for ``s`` the row maximum, the other keys are summed relative to the second largest
+    logit instead, so a tiny ``L`` is kept in ``log L``. ``log L = -inf`` and the centred
+    gradient is 0 where no other key is visible.
+    """
+    zero = torch.zeros((), device=scores.device)
+    masked = torch.full((), MASKED, device=scores.device)
+    m1, j = scores.max(dim=-1, keepdim=True)
+    is_max = torch.arange(scores.shape[-1], device=scores.device) == j
+    s_ex = torch.where(is_max, masked, scores)
+    m2 = s_ex.max(dim=-1, keepdim=True).values
+    w1 = torch.where(visible, torch.exp(scores - m1), zero)
+    w2 = torch.where(visible & ~is_max, torch.exp(s_ex - m2), zero)
+    sum1 = w1.sum(-1, keepdim=True)
+    g_sum1 = (w1 * G).sum(-1, keepdim=True)
+    # unnormalised mass and G-weighted mass of the other keys, relative to exp(ref)
+    mass = torch.where(is_max, w2.sum(-1, keepdim=True), sum1 - w1)
+    g_mass = torch.where(is_max, (w2 * G).sum(-1, keepdim=True), g_sum1 - w1 * G)
+    ref = torch.where(is_max, m2, m1)
+    has_rows = sum1 > 0
+    lse = torch.where(has_rows, m1 + torch.log(torch.where(has_rows, sum1, 1.0)), zero)
+    log_a = torch.where(visible, scores - lse, masked)
+    log_loo = torch.log(mass) + (ref - lse)  # -inf where no other key
+    has_others = mass > 0
+    centred = torch.where(has_others, G - g_mass / torch.where(has_others, mass, 1.0), zero)
+    return log_a, log_loo, centred
 
 
 def key_fix(
@@ -272,49 +299,40 @@ def key_fix(
     with ``a = A[t, s]``, ``x = S'[t, s] - S[t, s]`` (``S' = scores(q_clean, k_noise)``),
     ``L = 1 - a`` and ``Ḡ_t = sum_s' A[t, s'] G[t, s']``::
 
-        Δ(t, s) = (a' - a) (G[t, s] - Ḡ_t) / (L + a'),    a' = a e^x
+        Δ(t, s) = (a' - a) (G[t, s] - Ḡ_t) / (L + a'),    a' = a e^x.
 
-    evaluated stably: ``L`` is the leave-one-out mass ``sum_{s' != s} A[t, s']`` and
-    ``G[t, s] - Ḡ_t`` is formed as ``L G[t, s] - sum_{s' != s} A[t, s'] G[t, s']``, both from
-    exclusive prefix + suffix sums (so ``a -> 1`` loses no accuracy to cancellation); for
-    ``x > 0`` the factor ``(a' - a) / (L + a')`` is ``(1 - e^-x) sigmoid(log a + x - log L)``
-    (the spec's ``a (1 - e^-x) / (a + L e^-x)``, with ``log a = S - logsumexp_t`` so that it
-    survives ``a`` underflowing), for ``x <= 0`` it is ``a expm1(x) / (L + a e^x)``. Masked
-    ``(t, s)`` contribute 0, and so does a row with a single visible key (``Δ = 0``).
-    Remaining limitation: when the other keys of a row underflow in float32 (logit gap above
-    ~87 nats) and the patch lowers the dominant key by as much, the estimate is 0.
+    Evaluation (stable for ``a -> 1`` and for rows where the other keys underflow in float32,
+    i.e. logit gaps beyond ~90, where a patch that lowers the dominant key has an O(1) effect):
+    write ``G[t, s] - Ḡ_t = L c`` with ``c = G[t, s] - Ḡ_{-s}`` (``Ḡ_{-s}``: the A-weighted mean
+    of G over the other keys) and use logs ``log a = S - logsumexp``, ``log L`` (leave-one-out
+    mass, computed without cancellation; see ``_leave_one_out``)::
+
+        x > 0:   Δ = c (1 - e^-x) L sigmoid(log a + x - log L)   # spec: a(1-e^-x)(G-Ḡ)/(a+Le^-x)
+        x <= 0:  Δ = c (e^x - 1) a sigmoid(log L - log a - x)    # spec: direct form
+
+    Masked ``(t, s)`` contribute 0, and so does a row with a single visible key (``Δ = 0``, e.g.
+    the first row under a causal mask).
 
     ``q_clean``: ``[B, Hq, T, D]``, ``k_clean``/``k_noise``: ``[B, Hkv, T, D]``, ``G``:
-    ``[B, Hq, T, T]``; ``A`` and ``scores``: clean probabilities and masked logits
-    (:func:`attention_probs`, :func:`attention_scores`; recomputed if None). No
-    ``[B, H, T, T, D]`` tensor is formed.
+    ``[B, Hq, T, T]``; ``scores``: clean masked logits (:func:`attention_scores`; recomputed if
+    None). ``A`` (clean probabilities) is accepted for symmetry with the other fixes but not
+    used: the closed form is evaluated from the logits. No ``[B, H, T, T, D]`` tensor is formed.
     """
+    del A  # evaluated from the logits (log space), see the docstring
     if scores is None:
         scores = attention_scores(q_clean, k_clean, scaling, mask, sliding_window, softcap)
     scores = scores.float()
     s_new, visible = _scores_visible(q_clean, k_noise, scaling, mask, sliding_window, softcap)
-    if A is None:
-        A = _probs_from_scores(scores, visible)
-    A = A.float() * visible
-    G = G.float()
     zero = torch.zeros((), device=scores.device)
+    log_a, log_loo, centred = _leave_one_out(scores, G.float(), visible)
 
     x = torch.where(visible, s_new - scores, zero)
-    loo_mass = _exclusive_sum(A)  # L = 1 - a, accurately
-    centred = loo_mass * G - _exclusive_sum(A * G)  # G[t,s] - Ḡ_t
-    log_a = scores - torch.logsumexp(scores, dim=-1, keepdim=True)
-
     pos = x > 0
     x_pos = torch.where(pos, x, zero)
     x_neg = torch.where(pos, zero, x)
-    # x > 0: (1 - e^-x) * a / (a + L e^-x)
-    w_pos = -torch.expm1(-x_pos) * torch.sigmoid(log_a + x_pos - torch.log(loo_mass))
-    # x <= 0: a (e^x - 1) / (L + a e^x); divide `centred` (of order L) first, as the weight
-    # alone can overflow when L is tiny
-    den = loo_mass + A * torch.exp(x_neg)
-    ratio = centred / torch.where(den > 0, den, torch.ones((), device=den.device))
-    delta = torch.where(pos, w_pos * centred, A * torch.expm1(x_neg) * ratio)
-    delta = torch.where(visible, delta, zero)
+    w_pos = -torch.expm1(-x_pos) * torch.exp(log_loo) * torch.sigmoid(log_a + x_pos - log_loo)
+    w_neg = torch.expm1(x_neg) * torch.exp(log_a) * torch.sigmoid(log_loo - log_a - x_neg)
+    delta = torch.where(visible, torch.where(pos, w_pos, w_neg) * centred, zero)
     return _group_sum(delta.sum(-2), k_clean.shape[1])
 
 

@@ -121,14 +121,17 @@ class Adapter:
                     yield name, t
             if attention:
                 mask = args[4] if len(args) > 4 else kwargs.get("attention_mask")
-                yield "attention", AttentionCall(
-                    q=q,
-                    k=k,
-                    v=v,
-                    mask=mask,
-                    scaling=float(kwargs.get("scaling") or self.head_dim**-0.5),
-                    sliding_window=kwargs.get("sliding_window"),
-                    softcap=kwargs.get("softcap"),
+                yield (
+                    "attention",
+                    AttentionCall(
+                        q=q,
+                        k=k,
+                        v=v,
+                        mask=mask,
+                        scaling=float(kwargs.get("scaling") or self.head_dim**-0.5),
+                        sliding_window=kwargs.get("sliding_window"),
+                        softcap=kwargs.get("softcap"),
+                    ),
                 )
         if "head" in kinds:
             yield "head", getattr(attn, self.out_proj).input

@@ -298,6 +298,18 @@ def _load_config(name: str, **kwargs: Any) -> Any:
     from transformers import AutoConfig
 
     if not os.path.isdir(name):
+        if os.path.exists(name):
+            raise ModelLoadError(
+                f"could not load model {name!r}: it is a file, not a model directory; pass the "
+                "directory that holds config.json, the weights and the tokenizer files"
+            )
+        if os.path.isabs(name) or name.startswith((".", "~")):
+            raise ModelLoadError(
+                f"could not load model {name!r}: there is no such local directory (Hugging "
+                "Face Hub ids look like 'org/name'). Pass a directory written by "
+                "save_pretrained(), or call load_model() without a name for the bundled "
+                f"{BUNDLED_MODEL}."
+            )
         _check_hub_id(name, kwargs.get("revision"), kwargs.get("token"))
     try:
         return AutoConfig.from_pretrained(name, **kwargs)

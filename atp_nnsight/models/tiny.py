@@ -16,7 +16,8 @@ Weights are deterministic given ``seed`` and are re-initialised with a deliberat
 scale (linear weights ``N(0, 0.3²)``, embeddings ``N(0, 1)``, biases ``N(0, 0.1²)``, norms at
 1/0) so attention is clearly non-uniform and patching effects are far from zero; with the
 transformers default (std 0.02) every method trivially "agrees" because nothing matters.
-The global torch RNG state is left untouched.
+The global torch RNG state is left untouched. ``use_cache`` is off in the configs (no KV cache
+is built during analysis traces).
 """
 
 from __future__ import annotations

@@ -1,0 +1,118 @@
+"""AtP and AtP* wall time on the bundled model vs plain PyTorch passes over the same inputs.
+
+16 built-in IOI pairs, all head, q, k, v and neuron nodes (summed over positions). Ratios, all
+measured in this run (targets <= 1.5):
+
+* ``atp``  / (noise forward + clean forward + one backward to the embeddings, plain torch)
+* ``atp*`` / (noise forward + clean forward + L backwards to the embeddings, plain torch)
+
+Peak memory (max RSS) of each measurement is taken in a fresh subprocess.
+
+    python benchmarks/bench_atp.py [--pairs 16] [--per-position]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+
+import torch
+
+KINDS = "head,q,k,v,neuron"
+
+
+def _setup(n_pairs: int):
+    from atp_nnsight import ioi_pairs, keep_correct, load_model, tokenize_pairs
+
+    model = load_model()
+    pairs = keep_correct(model, ioi_pairs(n_pairs, tokenizer=model.tokenizer))
+    return model, pairs, tokenize_pairs(pairs, model.tokenizer)
+
+
+def plain_passes(model, tok, n_backward: int) -> float:
+    """Noise forward (no grad) + clean forward + ``n_backward`` backwards, per length group."""
+    hf = model._module
+    start = time.perf_counter()
+    for g in tok.by_length():
+        with torch.no_grad():
+            hf(g.noise, use_cache=False)
+        emb = hf.get_input_embeddings()(g.clean).detach().requires_grad_(True)
+        logits = hf(inputs_embeds=emb, use_cache=False).logits[:, -1].float()
+        rows = torch.arange(len(g.indices))
+        metric = (logits[rows, g.clean_target] - logits[rows, g.noise_target]).sum()
+        for i in range(n_backward):
+            torch.autograd.grad(metric, emb, retain_graph=i < n_backward - 1)
+    return time.perf_counter() - start
+
+
+def measure(what: str, n_pairs: int, per_position: bool) -> dict:
+    from atp_nnsight import attribute
+
+    model, pairs, tok = _setup(n_pairs)
+    n_layers = model._module.config.num_hidden_layers
+    attribute(model, pairs[:1], KINDS, method="atp*", layers=[0], progress=False)  # warm-up
+    plain_passes(model, tok, 1)
+    if what == "plain":
+        seconds = plain_passes(model, tok, 1)
+    elif what == "plain-L":
+        seconds = plain_passes(model, tok, n_layers)
+    else:
+        start = time.perf_counter()
+        attribute(
+            model,
+            pairs,
+            KINDS,
+            method=what,
+            per_position=per_position,
+            progress=False,
+            pairs_per_chunk=n_pairs,
+        )
+        seconds = time.perf_counter() - start
+    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return {"what": what, "seconds": seconds, "peak_mb": peak_mb, "layers": n_layers}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--pairs", type=int, default=16)
+    parser.add_argument("--per-position", action="store_true")
+    parser.add_argument("--one", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.one:
+        print(json.dumps(measure(args.one, args.pairs, args.per_position)))
+        return
+    rows = {}
+    for what in ("plain", "atp", "plain-L", "atp*"):
+        cmd = [sys.executable, __file__, "--one", what, "--pairs", str(args.pairs)]
+        cmd += ["--per-position"] if args.per_position else []
+        out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+        rows[what] = json.loads(out.strip().splitlines()[-1])
+    layers = rows["atp"]["layers"]
+    print(
+        f"bundled model, {args.pairs} IOI pairs, nodes {KINDS}, "
+        f"{'per position' if args.per_position else 'summed over positions'}, "
+        f"{torch.get_num_threads()} threads"
+    )
+    print(f"{'run':<36}{'seconds':>10}{'peak RSS MB':>14}")
+    names = {
+        "plain": "plain torch: 2 fwd + 1 bwd",
+        "atp": "atp",
+        "plain-L": f"plain torch: 2 fwd + {layers} bwd",
+        "atp*": "atp*",
+    }
+    for key, row in rows.items():
+        print(f"{names[key]:<36}{row['seconds']:>10.2f}{row['peak_mb']:>14.0f}")
+    ratio = rows["atp"]["seconds"] / rows["plain"]["seconds"]
+    print(f"ratio atp / plain (target <= 1.5): {ratio:.2f}")
+    print(
+        f"ratio atp* / plain with {layers} backwards (target <= 1.5): "
+        f"{rows['atp*']['seconds'] / rows['plain-L']['seconds']:.2f}"
+    )
+
+
+if __name__ == "__main__":
+    main()

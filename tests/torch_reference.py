@@ -1,0 +1,461 @@
+"""An independent plain-PyTorch reference for exact patching, AtP and GradDrop (no nnsight).
+
+Everything here runs the raw transformers model with torch hooks, one patch per forward pass:
+slow, but simple enough to be obviously correct. Nothing from ``atp_nnsight`` is used except
+for building the tiny models (via the tests). Site definitions (the spec the library must match):
+
+=========  ====================================================  ===========================
+kind       tensor                                                 viewed as [B, T, unit, feat]
+=========  ====================================================  ===========================
+resid L    hidden_states input of decoder layer L                 unit = 1
+q/k/v L    query/key/value as passed to the attention function    heads (k, v: KV heads)
+           ([B, heads, T, D], post-rotary, before repeat_kv)
+head L     input of the attention output projection               query heads × head_dim
+attn_out   attention module output[0]                             unit = 1
+neuron L   input of the MLP down projection                       neurons × 1
+mlp_out    MLP module output                                      unit = 1
+=========  ====================================================  ===========================
+
+q/k/v are intercepted by registering a custom attention function (``ATTN_NAME``, which calls
+transformers' own sdpa implementation, with the sdpa mask function) and switching the model to
+it for the duration of each run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, eager_mask, sdpa_mask
+
+ATTN_NAME = "atp_torch_reference"
+EAGER_NAME = "atp_torch_reference_eager"
+
+# A site callback: (kind, layer, raw tensor) -> replacement tensor or None (keep).
+SiteFn = Callable[[str, int, torch.Tensor], "torch.Tensor | None"]
+
+_ACTIVE: list[SiteFn] = []
+
+
+def _reference_attention(module, query, key, value, attention_mask, *args, **kwargs):
+    fn = _ACTIVE[-1] if _ACTIVE else None
+    if fn is not None:
+        layer = module.layer_idx
+        query = _apply(fn, "q", layer, query)
+        key = _apply(fn, "k", layer, key)
+        value = _apply(fn, "v", layer, value)
+    return sdpa_attention_forward(module, query, key, value, attention_mask, *args, **kwargs)
+
+
+def _reference_eager_attention(module, query, key, value, attention_mask, *args, **kwargs):
+    """Attention written out (probabilities materialised, reported as site ``pattern``
+    ``[B, heads, T, T]``); uses the model's own additive mask and scaling."""
+    fn = _ACTIVE[-1] if _ACTIVE else (lambda kind, layer, x: None)
+    layer = module.layer_idx
+    query = _apply(fn, "q", layer, query)
+    key = _apply(fn, "k", layer, key)
+    value = _apply(fn, "v", layer, value)
+    assert attention_mask is not None and not kwargs.get("softcap")
+    scaling = kwargs.get("scaling") or query.shape[-1] ** -0.5
+    group = query.shape[1] // key.shape[1]
+    key, value = key.repeat_interleave(group, dim=1), value.repeat_interleave(group, dim=1)
+    scores = scaling * (query @ key.transpose(-1, -2)) + attention_mask[..., : key.shape[-2]]
+    probs = _apply(fn, "pattern", layer, torch.softmax(scores, dim=-1))
+    return (probs @ value).transpose(1, 2).contiguous(), probs
+
+
+AttentionInterface.register(ATTN_NAME, _reference_attention)
+AttentionMaskInterface.register(ATTN_NAME, sdpa_mask)
+AttentionInterface.register(EAGER_NAME, _reference_eager_attention)
+AttentionMaskInterface.register(EAGER_NAME, eager_mask)
+
+
+def _apply(fn: SiteFn, kind: str, layer: int, x: torch.Tensor) -> torch.Tensor:
+    out = fn(kind, layer, x)
+    return x if out is None else out
+
+
+# --------------------------------------------------------------------------------------------
+# module paths (hard-coded per family: independent of the library's adapters)
+# --------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Paths:
+    layers: str
+    attn: str
+    out_proj: str
+    mlp: str
+    down_proj: str
+
+
+PATHS = {
+    "gpt2": Paths("transformer.h", "attn", "c_proj", "mlp", "c_proj"),
+    "gpt_neox": Paths("gpt_neox.layers", "attention", "dense", "mlp", "dense_4h_to_h"),
+    "llama": Paths("model.layers", "self_attn", "o_proj", "mlp", "down_proj"),
+    "mistral": Paths("model.layers", "self_attn", "o_proj", "mlp", "down_proj"),
+    "qwen2": Paths("model.layers", "self_attn", "o_proj", "mlp", "down_proj"),
+}
+
+
+def _get(module: torch.nn.Module, path: str) -> Any:
+    for part in path.split("."):
+        module = getattr(module, part)
+    return module
+
+
+def decoder_layers(hf: torch.nn.Module) -> Any:
+    return _get(hf, PATHS[hf.config.model_type].layers)
+
+
+def n_layers(hf: torch.nn.Module) -> int:
+    return len(decoder_layers(hf))
+
+
+def sizes(hf: torch.nn.Module) -> dict[str, int]:
+    """Units per kind for ``hf`` (read from the config)."""
+    c = hf.config
+    if c.model_type == "gpt2":
+        heads, kv, mlp = c.n_head, c.n_head, c.n_inner or 4 * c.n_embd
+    else:
+        heads = c.num_attention_heads
+        kv = getattr(c, "num_key_value_heads", None) or heads
+        mlp = c.intermediate_size
+    return {
+        "resid": 1,
+        "q": heads,
+        "k": kv,
+        "v": kv,
+        "head": heads,
+        "attn_out": 1,
+        "neuron": mlp,
+        "mlp_out": 1,
+    }
+
+
+def units(hf: torch.nn.Module, kind: str, x: torch.Tensor) -> torch.Tensor:
+    """A view of raw site tensor ``x`` as ``[B, T, unit, feature]``."""
+    if kind in ("q", "k", "v"):
+        return x.transpose(1, 2)
+    if kind == "head":
+        return x.unflatten(-1, (sizes(hf)["head"], -1))
+    if kind == "neuron":
+        return x.unsqueeze(-1)
+    return x.unsqueeze(-2)
+
+
+# --------------------------------------------------------------------------------------------
+# one instrumented forward pass
+# --------------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def _instrumented(
+    hf: torch.nn.Module, fn: SiteFn | None, drop_layer: int | None, grad: bool, eager: bool
+) -> Iterator[None]:
+    paths = PATHS[hf.config.model_type]
+    handles = []
+    fn = fn or (lambda kind, layer, x: None)
+
+    def resid_hook(layer):
+        def hook(module, args, kwargs):
+            if args:
+                new = _apply(fn, "resid", layer, args[0])
+                return (new, *args[1:]), kwargs
+            new = _apply(fn, "resid", layer, kwargs["hidden_states"])
+            return args, {**kwargs, "hidden_states": new}
+
+        return hook
+
+    def input_hook(kind, layer):
+        def hook(module, args):
+            return (_apply(fn, kind, layer, args[0]), *args[1:])
+
+        return hook
+
+    def attn_out_hook(layer):
+        def hook(module, args, output):
+            return (_apply(fn, "attn_out", layer, output[0]), *output[1:])
+
+        return hook
+
+    def mlp_out_hook(layer):
+        def hook(module, args, output):
+            return _apply(fn, "mlp_out", layer, output)
+
+        return hook
+
+    def drop_hook(module, args, kwargs, output):
+        inp = args[0] if args else kwargs["hidden_states"]
+        out = output[0] if isinstance(output, tuple) else output
+        new = inp + (out - inp).detach()  # same value; gradient only through the skip
+        return (new, *output[1:]) if isinstance(output, tuple) else new
+
+    def grad_hook(module, args, output):
+        return output.detach().requires_grad_(True)
+
+    for layer, block in enumerate(decoder_layers(hf)):
+        attn, mlp = getattr(block, paths.attn), getattr(block, paths.mlp)
+        handles.append(block.register_forward_pre_hook(resid_hook(layer), with_kwargs=True))
+        handles.append(
+            getattr(attn, paths.out_proj).register_forward_pre_hook(input_hook("head", layer))
+        )
+        handles.append(attn.register_forward_hook(attn_out_hook(layer)))
+        handles.append(
+            getattr(mlp, paths.down_proj).register_forward_pre_hook(input_hook("neuron", layer))
+        )
+        handles.append(mlp.register_forward_hook(mlp_out_hook(layer)))
+        if layer == drop_layer:
+            handles.append(block.register_forward_hook(drop_hook, with_kwargs=True))
+    if grad:
+        handles.append(hf.get_input_embeddings().register_forward_hook(grad_hook))
+    previous = hf.config._attn_implementation
+    hf.set_attn_implementation(EAGER_NAME if eager else ATTN_NAME)
+    _ACTIVE.append(fn)
+    try:
+        yield
+    finally:
+        _ACTIVE.pop()
+        hf.set_attn_implementation(previous)
+        for h in handles:
+            h.remove()
+
+
+def run(
+    hf: torch.nn.Module,
+    ids: torch.Tensor,
+    fn: SiteFn | None = None,
+    *,
+    drop_layer: int | None = None,
+    grad: bool = False,
+    eager: bool = False,
+) -> torch.Tensor:
+    """Logits ``[1, T, vocab]`` of one prompt (1-D ids) with site callback ``fn``.
+
+    ``eager=True`` runs the written-out attention, which also reports ``pattern`` sites."""
+    ctx = torch.enable_grad() if grad else torch.no_grad()
+    with ctx, _instrumented(hf, fn, drop_layer, grad, eager):
+        return hf(input_ids=ids[None], use_cache=False).logits
+
+
+def metric_logit_diff(logits: torch.Tensor, ct: int, nt: int) -> torch.Tensor:
+    """``logit[ct] - logit[nt]`` at the last position (float32 scalar)."""
+    last = logits[0, -1].float()
+    return last[ct] - last[nt]
+
+
+def _roles(clean_ids, noise_ids, direction):
+    if direction == "noising":
+        return clean_ids, noise_ids
+    if direction == "denoising":
+        return noise_ids, clean_ids
+    raise ValueError(direction)
+
+
+def cache_sites(hf: torch.nn.Module, ids: torch.Tensor, sites: set) -> dict:
+    """Detached clones of the raw tensors at ``sites`` ({(kind, layer)}) for prompt ``ids``."""
+    cache = {}
+
+    def record(kind, layer, x):
+        if (kind, layer) in sites:
+            cache[(kind, layer)] = x.detach().clone()
+
+    run(hf, ids, record)
+    return cache
+
+
+# --------------------------------------------------------------------------------------------
+# exact patching
+# --------------------------------------------------------------------------------------------
+def exact_effects(
+    hf: torch.nn.Module,
+    clean_ids: torch.Tensor,
+    noise_ids: torch.Tensor,
+    ct: int,
+    nt: int,
+    node_sets: Sequence[Sequence[Any]],
+    direction: str = "noising",
+) -> list[float]:
+    """``metric(base with each set patched from source) - metric(base)``, one forward per set.
+
+    Nodes are anything with ``kind, layer, index, position`` (position ``None`` = all).
+    """
+    base_ids, source_ids = _roles(clean_ids, noise_ids, direction)
+    sites = {(n.kind, n.layer) for s in node_sets for n in s}
+    source = cache_sites(hf, source_ids, sites)
+    m_base = metric_logit_diff(run(hf, base_ids), ct, nt)
+    out = []
+    for node_set in node_sets:
+
+        def write(kind, layer, x, node_set=node_set):
+            here = [n for n in node_set if (n.kind, n.layer) == (kind, layer)]
+            if not here:
+                return None
+            x = x.clone()
+            view, src = units(hf, kind, x), units(hf, kind, source[(kind, layer)])
+            for n in here:
+                pos = slice(None) if n.position is None else n.position
+                view[0, pos, n.index] = src[0, pos, n.index]
+            return x
+
+        m_patched = metric_logit_diff(run(hf, base_ids, write), ct, nt)
+        out.append(float(m_patched) - float(m_base))
+    return out
+
+
+def exact_effect(hf, clean_ids, noise_ids, ct, nt, node_set, direction="noising") -> float:
+    """The exact effect of patching ``node_set`` as a whole on one pair."""
+    return exact_effects(hf, clean_ids, noise_ids, ct, nt, [node_set], direction)[0]
+
+
+# --------------------------------------------------------------------------------------------
+# AtP and GradDrop
+# --------------------------------------------------------------------------------------------
+def atp_estimate(
+    hf: torch.nn.Module,
+    clean_ids: torch.Tensor,
+    noise_ids: torch.Tensor,
+    ct: int,
+    nt: int,
+    nodes: Sequence[Any],
+    direction: str = "noising",
+    drop_layer: int | None = None,
+) -> torch.Tensor:
+    """Per node ``(source - base) · ∂M/∂site |base`` summed over features (and positions if the
+    node's position is ``None``): float64 ``[len(nodes)]``. ``drop_layer`` removes the gradient
+    through that layer's residual write."""
+    base_ids, source_ids = _roles(clean_ids, noise_ids, direction)
+    sites = {(n.kind, n.layer) for n in nodes}
+    source = cache_sites(hf, source_ids, sites)
+    base = {}
+
+    def record(kind, layer, x):
+        if (kind, layer) in sites:
+            base[(kind, layer)] = x
+
+    logits = run(hf, base_ids, record, drop_layer=drop_layer, grad=True)
+    m = metric_logit_diff(logits, ct, nt)
+    keys = list(base)
+    grads = torch.autograd.grad(m, [base[k] for k in keys], allow_unused=True)
+    per_site = {}  # (kind, layer) -> [T, units] float64
+    for key, g in zip(keys, grads, strict=True):
+        kind = key[0]
+        b = base[key].detach()
+        g = torch.zeros_like(b) if g is None else g
+        delta = units(hf, kind, source[key]).double() - units(hf, kind, b).double()
+        per_site[key] = (delta * units(hf, kind, g).double()).sum(-1)[0]
+    out = []
+    for n in nodes:
+        col = per_site[(n.kind, n.layer)][:, n.index]
+        out.append(col.sum() if n.position is None else col[n.position])
+    return torch.stack(out)
+
+
+def graddrop_terms(hf, clean_ids, noise_ids, ct, nt, nodes, direction="noising") -> torch.Tensor:
+    """``Î_ℓ`` for every layer ℓ: ``[L, len(nodes)]`` (one forward + backward per layer)."""
+    return torch.stack(
+        [
+            atp_estimate(hf, clean_ids, noise_ids, ct, nt, nodes, direction, drop_layer=layer)
+            for layer in range(n_layers(hf))
+        ]
+    )
+
+
+def graddrop_score(terms: torch.Tensor, nodes: Sequence[Any]) -> torch.Tensor:
+    """``Σ_ℓ |Î_ℓ| / (L - 1)`` per node, ``/ L`` for ``resid`` nodes."""
+    n = terms.shape[0]
+    denom = torch.tensor(
+        [n if node.kind == "resid" else n - 1 for node in nodes], dtype=terms.dtype
+    )
+    return terms.abs().sum(0) / denom
+
+
+def qk_fix_estimates(
+    hf: torch.nn.Module,
+    clean_ids: torch.Tensor,
+    noise_ids: torch.Tensor,
+    ct: int,
+    nt: int,
+    nodes: Sequence[Any],
+    direction: str = "noising",
+    drop_layers: Sequence[int | None] = (None,),
+) -> torch.Tensor:
+    """QK-fixed estimates of ``q``/``k`` nodes: ``Σ (A' - A) ⊙ ∂M/∂A`` at the node's layer,
+    where ``A'`` is the attention pattern of a base run with the node patched from the source
+    (one forward per node) and ``∂M/∂A`` the gradient on the base run, once per entry of
+    ``drop_layers`` (``None``: no GradDrop). Returns float64 ``[len(drop_layers), len(nodes)]``.
+    """
+    assert all(n.kind in ("q", "k") for n in nodes)
+    base_ids, source_ids = _roles(clean_ids, noise_ids, direction)
+    layers = {n.layer for n in nodes}
+    source = cache_sites(hf, source_ids, {(k, layer) for k in ("q", "k") for layer in layers})
+    base, grads = {}, []
+    for drop in drop_layers:
+        patterns = {}
+
+        def record(kind, layer, x, patterns=patterns):
+            if kind == "pattern" and layer in layers:
+                patterns[layer] = x
+
+        logits = run(hf, base_ids, record, drop_layer=drop, grad=True, eager=True)
+        keys = sorted(patterns)
+        g = torch.autograd.grad(
+            metric_logit_diff(logits, ct, nt), [patterns[k] for k in keys], allow_unused=True
+        )
+        grads.append(
+            {
+                k: torch.zeros_like(patterns[k], dtype=torch.float64) if gk is None else gk.double()
+                for k, gk in zip(keys, g, strict=True)
+            }
+        )
+        if drop is None or not base:
+            base = {k: v.detach().double() for k, v in patterns.items()}
+    out = torch.zeros(len(drop_layers), len(nodes), dtype=torch.float64)
+    for j, n in enumerate(nodes):
+        patched = {}
+
+        def write(kind, layer, x, n=n, patched=patched):
+            if kind == "pattern" and layer == n.layer:
+                patched["A"] = x.double()
+            if (kind, layer) != (n.kind, n.layer):
+                return None
+            x = x.clone()
+            pos = slice(None) if n.position is None else n.position
+            units(hf, kind, x)[0, pos, n.index] = units(hf, kind, source[(kind, layer)])[
+                0, pos, n.index
+            ]
+            return x
+
+        run(hf, base_ids, write, eager=True)
+        for d, g in enumerate(grads):
+            out[d, j] = ((patched["A"] - base[n.layer]) * g[n.layer]).sum()
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# prompt pairs for the tiny word-level tokenizer ("wN" is token id N)
+# --------------------------------------------------------------------------------------------
+def word_pairs(seed: int, lengths: Sequence[int], n_words: int = 90) -> list[tuple[str, ...]]:
+    """Random ``(clean, noise, clean_target, noise_target)`` pairs of words ``w0..w{n-1}``;
+    the prompts of a pair differ and the two targets differ."""
+    import random
+
+    rng = random.Random(seed)
+    out = []
+    for length in lengths:
+        clean = [rng.randrange(n_words) for _ in range(length)]
+        noise = [rng.randrange(n_words) for _ in range(length)]
+        while noise == clean:
+            noise = [rng.randrange(n_words) for _ in range(length)]
+        ct, nt = rng.sample(range(n_words), 2)
+        words = lambda ids: " ".join(f"w{i}" for i in ids)  # noqa: E731
+        out.append((words(clean), words(noise), f"w{ct}", f"w{nt}"))
+    return out
+
+
+def pair_ids(pair: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor, int, int]:
+    """``(clean_ids, noise_ids, clean_target, noise_target)`` of a word pair (no tokenizer)."""
+    clean, noise, ct, nt = pair
+    ids = lambda text: torch.tensor([int(w[1:]) for w in text.split()])  # noqa: E731
+    return ids(clean), ids(noise), int(ct[1:]), int(nt[1:])
