@@ -52,8 +52,9 @@ class Attribution:
 
     def __repr__(self) -> str:
         return (
-            f"Attribution(method={self.method!r}, nodes={len(self)}, pairs={self.per_pair.shape[0]}, "
-            f"direction={self.direction!r}, metric={self.metric!r}, cost={self.cost:g})"
+            f"Attribution(method={self.method!r}, nodes={len(self)}, "
+            f"pairs={self.per_pair.shape[0]}, direction={self.direction!r}, "
+            f"metric={self.metric!r}, cost={self.cost:g})"
         )
 
     def node(self, i: int) -> Node:
@@ -64,6 +65,25 @@ class Attribution:
             int(row["layer"]),
             int(row["index"]),
             None if pd.isna(pos) else int(pos),
+        )
+
+    def select(self, mask: np.ndarray | pd.Series | str) -> Attribution:
+        """The result restricted to some nodes: a boolean mask over nodes, or a node kind."""
+        if isinstance(mask, str):
+            mask = self.nodes["kind"] == mask
+        mask = np.asarray(mask, dtype=bool)
+        return Attribution(
+            nodes=self.nodes[mask].reset_index(drop=True),
+            scores=self.scores[mask],
+            per_pair=self.per_pair[:, mask],
+            mean_effect=None if self.mean_effect is None else self.mean_effect[mask],
+            method=self.method,
+            direction=self.direction,
+            metric=self.metric,
+            model=self.model,
+            cost=self.cost,
+            pairs=self.pairs,
+            metadata=self.metadata,
         )
 
     def ranking(self) -> np.ndarray:

@@ -16,14 +16,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from atp_nnsight.metrics import Metric, resolve_metric
 from atp_nnsight.methods.common import Roles, common_length, model_name, prepare_pairs, site_order
+from atp_nnsight.metrics import Metric, resolve_metric
 from atp_nnsight.models import Adapter, get_adapter
 from atp_nnsight.nodes import NodeLayout
 from atp_nnsight.remote import Remote, run_chunks
 from atp_nnsight.results import Attribution
 from atp_nnsight.types import Node, check_direction
-
 
 MAX_ROWS_PER_FORWARD = 128
 """Default cap on patched rows per forward: larger CPU batches measured slower per row."""
@@ -128,10 +127,10 @@ def _row_batch(sets: NodeSets, pairs: np.ndarray, set_ids: np.ndarray, seq_len: 
     for s in np.unique(site):
         kind, layer = sets.sites[s]
         m = site == s
-        t = lambda a: torch.from_numpy(np.ascontiguousarray(a[m]))  # noqa: E731
-        by_layer.setdefault(layer, []).append(
-            SiteWrite(kind, layer, t(rows), t(pos), t(unit), t(pairs[rows]))
+        row, p, u, src = (
+            torch.from_numpy(np.ascontiguousarray(a[m])) for a in (rows, pos, unit, pairs[rows])
         )
+        by_layer.setdefault(layer, []).append(SiteWrite(kind, layer, row, p, u, src))
     return RowBatch(
         pair=torch.from_numpy(pairs),
         layers=tuple((layer, tuple(ws)) for layer, ws in sorted(by_layer.items())),
