@@ -4,7 +4,7 @@
 - metric(base run)``. Noising (default): base = clean, source = noise; denoising swaps them.
 A node summed over positions is patched at every position at once. Many patches share one
 forward along the batch axis (one row per (pair, node set)), ``batch_size`` rows per forward.
-Cost: one forward per patched row plus two per pair (the unpatched base and source runs).
+Cost: one forward per patched row plus, per session, two per pair (unpatched base and source).
 """
 
 from __future__ import annotations
@@ -22,10 +22,14 @@ from atp_nnsight.models import Adapter, get_adapter
 from atp_nnsight.nodes import NodeLayout
 from atp_nnsight.remote import Remote, run_chunks
 from atp_nnsight.results import Attribution
-from atp_nnsight.types import Node, check_direction
+from atp_nnsight.types import NODE_KINDS, Node, check_direction
 
 MAX_ROWS_PER_FORWARD = 128
 """Default cap on patched rows per forward: larger CPU batches measured slower per row."""
+
+FORWARDS_PER_SESSION = 8
+"""Patched forwards per session (chunk): the unit of progress, checkpointing and remote
+requests; each session also runs the unpatched base and source prompts once."""
 
 
 @dataclass(frozen=True)
@@ -64,6 +68,10 @@ class NodeSets:
             raise ValueError("no node sets given")
         nodes = [n for s in sets for n in s]
         for n in nodes:
+            if n.kind not in NODE_KINDS:
+                raise ValueError(
+                    f"node {n}: unknown kind {n.kind!r}; choose from {', '.join(NODE_KINDS)}"
+                )
             if not 0 <= n.layer < adapter.n_layers:
                 raise ValueError(f"node {n}: layer out of range 0-{adapter.n_layers - 1}")
             if not 0 <= n.index < adapter.n_units(n.kind):
@@ -212,16 +220,18 @@ def run_node_sets(
             )
         rows = batch_size or _rows_per_forward(adapter, group.length, vocab, memory_gb)
         n = len(group.indices)
-        pair_of_row = np.tile(np.arange(n), len(sets))
-        set_of_row = np.repeat(np.arange(len(sets)), n)
-        batches = tuple(
-            _row_batch(sets, pair_of_row[i : i + rows], set_of_row[i : i + rows], group.length)
-            for i in range(0, len(pair_of_row), rows)
-        )
-        chunks.append(
-            PatchChunk(adapter, Roles.of(group, direction), metric, source_sites_t, batches)
-        )
-        owners.append(group.indices)
+        sets_per_chunk = max(1, rows * FORWARDS_PER_SESSION // n)
+        roles = Roles.of(group, direction)
+        for first in range(0, len(sets), sets_per_chunk):
+            set_ids = np.arange(first, min(first + sets_per_chunk, len(sets)))
+            pair_of_row = np.tile(np.arange(n), len(set_ids))
+            set_of_row = np.repeat(set_ids, n)
+            batches = tuple(
+                _row_batch(sets, pair_of_row[i : i + rows], set_of_row[i : i + rows], group.length)
+                for i in range(0, len(pair_of_row), rows)
+            )
+            chunks.append(PatchChunk(adapter, roles, metric, source_sites_t, batches))
+            owners.append((group.indices, set_ids))
     outs = run_chunks(
         model,
         chunks,
@@ -233,10 +243,11 @@ def run_node_sets(
     )
     effects = np.zeros((len(tok), len(sets)), dtype=np.float32)
     base = np.zeros(len(tok), dtype=np.float32)
-    for idx, out in zip(owners, outs, strict=True):
-        effects[idx] = out["effects"].numpy().reshape(len(sets), len(idx)).T
+    cost = 0.0
+    for (idx, set_ids), out in zip(owners, outs, strict=True):
+        effects[np.ix_(idx, set_ids)] = out["effects"].numpy().reshape(len(set_ids), len(idx)).T
         base[idx] = out["base"].numpy()
-    cost = float(len(tok) * (len(sets) + 2))
+        cost += len(idx) * (len(set_ids) + 2)
     return effects, base, cost
 
 

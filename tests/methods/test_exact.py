@@ -17,7 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch_reference as ref  # noqa: E402
 
-from atp_nnsight.methods.exact import patch, patch_sets  # noqa: E402
+from atp_nnsight.methods.exact import FORWARDS_PER_SESSION, patch, patch_sets  # noqa: E402
 from atp_nnsight.models.tiny import TINY_FAMILIES, tiny_hf_model, tiny_model  # noqa: E402
 from atp_nnsight.types import Node  # noqa: E402
 
@@ -89,6 +89,17 @@ def sample_nodes(nodes: list[Node], per_kind: int, seed: int, kinds=KINDS) -> li
     return out
 
 
+def expected_cost(pairs, n_sets: int, batch_size: int) -> float:
+    """Patched forwards plus the two unpatched forwards per pair in every session."""
+    lengths = [len(p[0].split()) for p in pairs]
+    cost = 0
+    for length in set(lengths):
+        n = lengths.count(length)
+        sessions = -(-n_sets // max(1, batch_size * FORWARDS_PER_SESSION // n))
+        cost += n * n_sets + 2 * n * sessions
+    return float(cost)
+
+
 def assert_max_abs(actual, expected, tol, what=""):
     actual, expected = np.asarray(actual, dtype=np.float64), np.asarray(expected, dtype=np.float64)
     assert actual.shape == expected.shape, (actual.shape, expected.shape)
@@ -151,7 +162,7 @@ def test_summed_batched_equals_one_patch_per_forward(family, direction):
         nn_model(family), pairs, [[n] for n in neurons], direction=direction, batch_size=1,
         progress=False,
     )  # fmt: skip
-    assert cost == len(pairs) * (len(neurons) + 2)
+    assert cost == expected_cost(pairs, len(neurons), batch_size=1)
     expected = result.per_pair[:, [column[n] for n in neurons]]
     assert_max_abs(effects, expected, LOOP_TOL, "patch_sets batch_size=1")
 
@@ -254,7 +265,7 @@ def test_patch_sets_equals_torch_reference(family, direction):
         nn_model(family), pairs, sets, direction=direction, batch_size=64, progress=False
     )
     assert effects.shape == (len(pairs), len(sets))
-    assert cost == len(pairs) * (len(sets) + 2)
+    assert cost == expected_cost(pairs, len(sets), batch_size=64)
     expected = reference_effects(family, pairs, sets, direction)
     assert_max_abs(effects, expected, REF_TOL, f"{family} {direction}")
     assert (np.abs(expected) > 1e-3).mean() > 0.8  # the sets matter
