@@ -9,6 +9,7 @@ and turns it into the node table of a result.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -60,6 +61,15 @@ class NodeLayout:
                 blocks.append(block)
                 offset += block.size
         return cls(kinds_t, layers_t, seq_len, tuple(blocks))
+
+    @classmethod
+    def of_result(cls, adapter: Adapter, result: Any) -> NodeLayout:
+        """The layout a method's :class:`~atp_nnsight.results.Attribution` was computed on."""
+        meta = result.metadata
+        layout = cls.build(adapter, meta["kinds"], meta["layers"], meta.get("seq_len"))
+        if layout.n_nodes != len(result):
+            raise ValueError("the result's node table does not match this model's layout")
+        return layout
 
     @property
     def per_position(self) -> bool:

@@ -315,6 +315,7 @@ def attribute(
         metadata={
             "base_metric": base_metric.tolist(),
             "per_position": per_position,
+            "seq_len": seq_len,
             "layers": list(layout.layers),
             "kinds": list(layout.kinds),
         },

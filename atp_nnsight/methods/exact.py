@@ -62,6 +62,18 @@ class NodeSets:
         return cls(sites, np.arange(n + 1), *(np.concatenate(x) for x in (site, unit, pos)))
 
     @classmethod
+    def from_layout(cls, layout: NodeLayout, sets: Sequence[Sequence[int]]) -> NodeSets:
+        """Sets given as flat node indices of ``layout`` (e.g. rows of a result's node table)."""
+        if len(sets) == 0:
+            raise ValueError("no node sets given")
+        one = cls.singletons(layout)
+        flat = np.concatenate([np.asarray(s, dtype=np.int64).reshape(-1) for s in sets])
+        if len(flat) and not 0 <= flat.min() <= flat.max() < layout.n_nodes:
+            raise ValueError(f"node index out of range 0-{layout.n_nodes - 1} in a node set")
+        ptr = np.cumsum([0] + [len(s) for s in sets])
+        return cls(one.sites, ptr, one.site[flat], one.unit[flat], one.pos[flat])
+
+    @classmethod
     def from_nodes(cls, sets: Sequence[Sequence[Node]], adapter: Adapter) -> NodeSets:
         """Arbitrary sets of :class:`Node`; validates kinds, layers and unit indices."""
         if len(sets) == 0:
@@ -303,6 +315,7 @@ def patch(
         metadata={
             "base_metric": base.tolist(),
             "per_position": per_position,
+            "seq_len": seq_len,
             "layers": list(layout.layers),
             "kinds": list(layout.kinds),
         },
@@ -312,8 +325,9 @@ def patch(
 def patch_sets(
     model: Any,
     pairs: Any,
-    sets: Sequence[Sequence[Node]],
+    sets: Sequence[Sequence[Node]] | Sequence[Sequence[int]],
     *,
+    layout: NodeLayout | None = None,
     direction: str = "noising",
     metric: str | Metric = "logit-diff",
     batch_size: int | None = None,
@@ -322,9 +336,16 @@ def patch_sets(
     remote: Remote = False,
     progress: bool = True,
 ) -> tuple[np.ndarray, float]:
-    """Effects ``[pairs, sets]`` of patching each node set as a whole, and the cost."""
+    """Effects ``[pairs, sets]`` of patching each node set as a whole, and the cost.
+
+    ``sets`` are lists of :class:`Node`, or, with ``layout``, lists of flat node indices of
+    that layout (the row numbers of a result's node table).
+    """
     tok = prepare_pairs(model, pairs, prepend_bos)
-    node_sets = NodeSets.from_nodes(sets, get_adapter(model))
+    if layout is None:
+        node_sets = NodeSets.from_nodes(sets, get_adapter(model))
+    else:
+        node_sets = NodeSets.from_layout(layout, sets)
     effects, _, cost = run_node_sets(
         model,
         tok,
