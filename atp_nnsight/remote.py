@@ -98,19 +98,6 @@ def check_remote(model: Any, remote: Remote) -> None:
         )
 
 
-def run_key(**parts: Any) -> str:
-    """A stable hash of a run's inputs (tensors by content), naming its checkpoint folder."""
-    h = hashlib.sha256()
-    for name in sorted(parts):
-        value = parts[name]
-        h.update(name.encode())
-        if isinstance(value, torch.Tensor):
-            h.update(value.detach().cpu().contiguous().numpy().tobytes())
-        else:
-            h.update(json.dumps(value, sort_keys=True, default=repr).encode())
-    return h.hexdigest()[:20]
-
-
 def ship_by_value() -> None:
     """Register ``atp_nnsight`` so nnsight pickles its code by value in remote requests.
 
@@ -227,6 +214,7 @@ def _check_folder(folder: Path, fingerprint: str) -> None:
 
 
 def default_checkpoint_dir(key: str) -> Path:
+    """``<cache>/runs/<key>``; the cache is ``$ATP_NNSIGHT_CACHE`` or the user cache folder."""
     from platformdirs import user_cache_dir
 
     root = os.environ.get("ATP_NNSIGHT_CACHE") or user_cache_dir("atp_nnsight")
@@ -242,20 +230,27 @@ def run_chunks(
     checkpoint_dir: str | Path | None = None,
     progress: bool = True,
     desc: str = "",
+    grad: bool = True,
 ) -> list[Any]:
     """Run ``body(model, chunk)`` for every chunk, each inside one nnsight session.
 
     ``body`` returns (nested lists/dicts of) reduced CPU tensors. With ``checkpoint_dir`` each
-    finished chunk is stored as ``chunk_<i>.pt`` and reused when present.
+    finished chunk is stored as ``chunk_<i>.pt`` and reused when present; runs on NDIF
+    (``remote=True``) checkpoint by default under the cache folder, named by the run's
+    fingerprint, so rerunning a failed call resumes it. ``grad=False`` runs local sessions
+    without autograd (remote servers decide for themselves).
     """
     check_remote(model, remote)
     kwargs = session_kwargs(remote)
     if is_remote(remote):
         ship_by_value()
-    folder = Path(checkpoint_dir) if checkpoint_dir is not None else None
     fingerprint = None
-    if folder is not None:
+    if checkpoint_dir is None and remote is True:
         fingerprint = run_fingerprint(model, chunks, body, desc)
+        checkpoint_dir = default_checkpoint_dir(fingerprint[:24])
+    folder = Path(checkpoint_dir) if checkpoint_dir is not None else None
+    if folder is not None:
+        fingerprint = fingerprint or run_fingerprint(model, chunks, body, desc)
         if folder.exists():
             _check_folder(folder, fingerprint)
     results: list[Any] = []
@@ -267,9 +262,10 @@ def run_chunks(
             bar.update()
             continue
         try:
-            with model.session(**kwargs):
-                out = body(model, chunk)
-                out = nnsight.save(out)
+            with torch.set_grad_enabled(grad):
+                with model.session(**kwargs):
+                    out = body(model, chunk)
+                    out = nnsight.save(out)
         except Exception as err:
             where = (
                 f"; {i} finished chunk(s) are kept in {folder} and rerunning the same call "

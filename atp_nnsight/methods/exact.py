@@ -252,6 +252,7 @@ def run_node_sets(
         checkpoint_dir=checkpoint_dir,
         progress=progress,
         desc="exact patching",
+        grad=False,
     )
     effects = np.zeros((len(tok), len(sets)), dtype=np.float32)
     base = np.zeros(len(tok), dtype=np.float32)
