@@ -3,6 +3,11 @@
 Subcommands: ``patch`` (exact activation patching) and ``attribute`` (AtP family). Both write
 ``--out FILE.csv`` (one row per node: ``kind,layer,index,position,score,mean_effect``) and the
 full result with per-pair values beside it (``FILE.npz``, load with ``Attribution.load``).
+
+``diagnose`` ranks nodes with an AtP-family method, verifies the top ``--verify K`` with exact
+patching and runs the false-negative diagnostic on the rest (``--subsets M`` random subsets):
+it prints the upper bound on the largest unverified effect, the flagged nodes and the stopping
+decision; ``--out FILE.csv`` gets the flagged nodes and ``FILE.npz`` the verified result.
 """
 
 from __future__ import annotations
@@ -78,7 +83,49 @@ def build_parser() -> argparse.ArgumentParser:
         default=16,
         help="pairs per forward/backward and per remote session",
     )
+    d = sub.add_parser(
+        "diagnose",
+        help="verify the top nodes of an AtP-family ranking and bound the effects it missed",
+    )
+    _common(d)
+    _set_help(d, "out", "CSV of the flagged nodes (verified result saved beside as .npz)")
+    d.add_argument("--method", default="atp*", choices=["atp", "atp+qk", "atp+gd", "atp*"])
+    d.add_argument(
+        "--pairs-per-chunk",
+        type=int,
+        default=16,
+        help="pairs per forward/backward and per remote session",
+    )
+    d.add_argument("--batch-size", type=int, default=None, help="patched rows per forward")
+    d.add_argument(
+        "--verify", type=int, default=20, help="top nodes to verify with exact patching (K)"
+    )
+    d.add_argument(
+        "--subsets", type=int, default=200, help="random subsets of unverified nodes (M)"
+    )
+    d.add_argument(
+        "--p",
+        type=float,
+        default=None,
+        help="subset inclusion probability (default min(0.5, 20/M))",
+    )
+    d.add_argument(
+        "--theta",
+        type=float,
+        default=None,
+        help="effect size that matters (default 0.1 x the largest verified |effect|)",
+    )
+    d.add_argument(
+        "--delta", type=float, default=0.05, help="1 - confidence of the bound (default 0.05)"
+    )
+    d.add_argument("--subset-seed", type=int, default=0, help="seed of the random subsets")
     return parser
+
+
+def _set_help(p: argparse.ArgumentParser, dest: str, text: str) -> None:
+    for action in p._actions:
+        if action.dest == dest:
+            action.help = text
 
 
 def _remote(value: str) -> Any:
@@ -116,6 +163,8 @@ def write_outputs(result: Any, out: str | None) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "diagnose":
+        return run_diagnose(args)
     started = time.perf_counter()
     try:
         model, pairs = load_inputs(args)
@@ -153,6 +202,76 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     print_table(result.top(args.top), f"top {args.top} nodes by score")
     write_outputs(result, args.out)
+    return 0
+
+
+def run_diagnose(args: argparse.Namespace) -> int:
+    """``atp-nnsight diagnose``: rank, verify the top ``--verify``, diagnose the rest."""
+    started = time.perf_counter()
+    try:
+        from atp_nnsight.evaluation import diagnose, verified_table, verify
+        from atp_nnsight.methods.atp import attribute
+
+        model, pairs = load_inputs(args)
+        run = dict(
+            remote=_remote(args.remote),
+            progress=not args.no_progress,
+            prepend_bos=args.prepend_bos,
+        )
+        result = attribute(
+            model,
+            pairs,
+            args.nodes,
+            method=args.method,
+            layers=args.layers,
+            per_position=args.per_position,
+            direction=args.direction,
+            metric=args.metric,
+            pairs_per_chunk=args.pairs_per_chunk,
+            **run,
+        )
+        verified = verify(
+            model, pairs, result, budget=args.verify, batch_size=args.batch_size, **run
+        )
+        diagnosis = diagnose(
+            model,
+            pairs,
+            result,
+            verified=verified,
+            n_subsets=args.subsets,
+            p=args.p,
+            theta=args.theta,
+            delta=args.delta,
+            seed=args.subset_seed,
+            batch_size=args.batch_size,
+            **run,
+        )
+    except (ValueError, RuntimeError, FileNotFoundError) as err:
+        print(f"atp-nnsight: error: {err}", file=sys.stderr)
+        return 2
+    info = verified.metadata["verified"]
+    print(
+        f"{result.method} on {result.model}: {len(pairs)} pairs, {len(result)} nodes, "
+        f"{result.direction}, metric {result.metric}; cost {result.cost:g} (ranking) + "
+        f"{info['cost']:g} (verification) + {diagnosis.cost:g} (diagnostic) forward passes, "
+        f"{time.perf_counter() - started:.1f} s"
+    )
+    table = verified_table(verified).head(args.top)
+    print(f"\nverified nodes (top {len(info['order'])} by {result.method}; first {len(table)})")
+    print(
+        table[["step", "kind", "layer", "index", "position", "score", "exact"]].to_string(
+            index=False, float_format=lambda x: f"{x:.4f}"
+        )
+    )
+    print()
+    print(diagnosis.summary(max_rows=args.top))
+    print(f"decision: {'STOP' if diagnosis.stop else 'CONTINUE'} verifying")
+    if args.out is not None:
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        diagnosis.flagged.to_csv(out, index=False)
+        npz = verified.save(out.with_suffix(".npz"))
+        print(f"\nwrote {out} (flagged nodes) and {npz}")
     return 0
 
 

@@ -107,6 +107,27 @@ class Attribution:
             df = df[df["kind"] == kind]
         return df.sort_values("rank").head(k)
 
+    # ---- plots (matplotlib; see atp_nnsight.plots) -------------------------------------------
+    def plot_heads(self, kind: str = "head", value: str = "score", **kwargs: Any) -> Any:
+        """Layer x head heatmap (a ``Figure``); see :func:`atp_nnsight.plots.head_heatmap`."""
+        from atp_nnsight.plots import head_heatmap
+
+        return head_heatmap(self, kind=kind, value=value, **kwargs)
+
+    def plot_positions(
+        self, kind: str = "head", tokens: list[str] | None = None, **kwargs: Any
+    ) -> Any:
+        """Layer x position heatmap; see :func:`atp_nnsight.plots.position_heatmap`."""
+        from atp_nnsight.plots import position_heatmap
+
+        return position_heatmap(self, kind=kind, tokens=tokens, **kwargs)
+
+    def plot_scatter(self, exact: Any = None, **kwargs: Any) -> Any:
+        """Estimate vs exact effect per node; see :func:`atp_nnsight.plots.scatter_vs_exact`."""
+        from atp_nnsight.plots import scatter_vs_exact
+
+        return scatter_vs_exact(self, exact, **kwargs)
+
     # ---- persistence -------------------------------------------------------------------------
     def to_csv(self, path: str | Path) -> Path:
         """CSV with ``kind,layer,index,position,score,mean_effect`` (position empty if summed)."""
