@@ -324,8 +324,8 @@ def _colormap(matrix: np.ndarray, signed: bool) -> dict[str, Any]:
     finite = matrix[np.isfinite(matrix)]
     vmax = float(np.abs(finite).max()) if finite.size else 0.0
     vmax = vmax if vmax > 0 else 1.0
-    cmap = matplotlib.colormaps[DIVERGING_CMAP if signed else SEQUENTIAL_CMAP].copy()
-    cmap.set_bad(MISSING_COLOR)
+    name = DIVERGING_CMAP if signed else SEQUENTIAL_CMAP
+    cmap = matplotlib.colormaps[name].with_extremes(bad=MISSING_COLOR)
     lo = -vmax if signed else min(0.0, float(finite.min()) if finite.size else 0.0)
     return {"cmap": cmap, "norm": Normalize(vmin=lo, vmax=vmax)}
 
