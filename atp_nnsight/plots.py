@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 import matplotlib
 import numpy as np
 import pandas as pd
-from matplotlib.ticker import FuncFormatter
+from matplotlib.ticker import FuncFormatter, MaxNLocator
 
 from atp_nnsight.types import NODE_KINDS
 
@@ -362,19 +362,34 @@ def _value_label(result: Attribution, value: str | np.ndarray, label: str) -> st
 
 
 # ---- plots -------------------------------------------------------------------------------------
+def _pool_columns(matrix: np.ndarray, block: int) -> np.ndarray:
+    """Columns pooled in blocks of ``block``: the entry with the largest ``|value|`` (sign kept)."""
+    n_rows, n_cols = matrix.shape
+    n_blocks = -(-n_cols // block)
+    padded = np.full((n_rows, n_blocks * block), np.nan)
+    padded[:, :n_cols] = matrix
+    blocks = padded.reshape(n_rows, n_blocks, block)
+    mag = np.where(np.isfinite(blocks), np.abs(blocks), -1.0)
+    best = np.take_along_axis(blocks, mag.argmax(axis=2)[..., None], axis=2)[..., 0]
+    return np.where((mag >= 0).any(axis=2), best, np.nan)
+
+
 def head_heatmap(
     result: Attribution,
     kind: str = "head",
     value: str | np.ndarray = "score",
     ax: Axes | None = None,
     title: str | None = None,
+    max_columns: int = 400,
 ) -> Figure:
     """Layer x head heatmap (layer x KV head for ``k``/``v``, layer x neuron for ``neuron``).
 
     ``value``: ``"score"`` (sequential colormap from 0), ``"mean_effect"`` (signed, diverging
     colormap centred at 0), ``"verified"`` (exact effects of verified nodes, others grey) or an
     array with one value per node. For per-position results each cell is the sum over positions
-    of ``|value|`` (unsigned; the title says so). Layer 0 is the top row.
+    of ``|value|`` (unsigned; the title says so). Layer 0 is the top row. With more than
+    ``max_columns`` units (e.g. thousands of neurons) consecutive units are pooled into blocks
+    showing the value of largest ``|value|``, so no large effect disappears (the title says so).
     """
     vals, signed, label = _values(result, value)
     matrix, layers, summed = layer_unit_matrix(result, kind, vals)
@@ -386,21 +401,30 @@ def head_heatmap(
         label = _value_label(result, value, label)
     unit = _UNIT_NAMES.get(kind, "unit")
     n_layers, n_units = matrix.shape
+    block = max(1, -(-n_units // max(1, max_columns)))
+    shown = _pool_columns(matrix, block) if block > 1 else matrix
     with matplotlib.rc_context(STYLE):
         figsize = (
-            float(np.clip(2.6 + 0.3 * n_units, 4.5, 12)),
+            float(np.clip(2.6 + 0.3 * shown.shape[1], 4.5, 12)),
             float(np.clip(1.6 + 0.2 * n_layers, 3.2, 10)),
         )
         fig, ax = _figure(ax, figsize)
-        _heat(fig, ax, matrix, signed, label)
+        _heat(fig, ax, shown, signed, label)
         _ticks(ax, "y", layers)
-        _ticks(ax, "x", list(range(n_units)))
-        ax.set_xlabel(unit)
+        if block > 1:
+            ax.xaxis.set_major_locator(MaxNLocator(nbins=10, integer=True))
+            ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{round(v) * block:d}"))
+            ax.set_xlabel(f"{unit} (blocks of {block}: max |·|)")
+        else:
+            _ticks(ax, "x", list(range(n_units)))
+            ax.set_xlabel(unit)
         ax.set_ylabel("layer")
         if title is None:
             what = f"{kind} nodes, layer × {unit}"
             if summed:
                 what += " (Σ|·| over positions)"
+            if block > 1:
+                what += f"\n{n_units} {unit}s in blocks of {block}, largest |·| shown"
             title = f"{method_label(result.method)}: {what}\n{_subtitle(result)}"
         ax.set_title(title)
     return fig
@@ -676,6 +700,17 @@ def _curves_frame(curves: pd.DataFrame | Mapping[str, Any]) -> pd.DataFrame:
     return out
 
 
+def _plain_log_labels(axis: Any) -> None:
+    """Log-axis labels as plain numbers (1, 10, 100); minor ticks labelled only within a decade."""
+
+    def minor(v: float, _: Any) -> str:
+        lo, hi = sorted(axis.get_view_interval())
+        return f"{v:g}" if lo > 0 and hi / lo < 10 else ""
+
+    axis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    axis.set_minor_formatter(FuncFormatter(minor))
+
+
 def recall_curve(
     curves: pd.DataFrame | Mapping[str, Any],
     *,
@@ -683,6 +718,7 @@ def recall_curve(
     ax: Axes | Sequence[Axes] | None = None,
     title: str | None = None,
     ylabel: str = "cost (forward passes per pair)",
+    max_columns: int = 3,
 ) -> Figure:
     """Cost-of-verified-recall curves on log-log axes, one panel per node kind.
 
@@ -693,7 +729,8 @@ def recall_curve(
     ``name -> DataFrame``). ``kinds`` picks panels; by default every kind except the ``"all"``
     summary when per-kind curves exist. Points with non-positive or non-finite values are left
     out (log axes). The dashed diagonal ``y = x`` is the oracle verification order: every node
-    must be verified, so no verification curve lies below it. ``ax``: one axes per panel.
+    must be verified, so no verification curve lies below it. ``ax``: one axes per panel;
+    without it panels are laid out ``max_columns`` to a row.
     """
     from matplotlib.colors import to_hex
 
@@ -722,8 +759,13 @@ def recall_curve(
     colors = {m: _METHOD_COLORS.get(m.lower()) or next(cycle, "0.3") for m in methods}
     with matplotlib.rc_context(STYLE):
         if ax is None:
-            fig = _new_figure((4.4 * len(panels) + 0.6, 4.0))
-            axes = list(fig.subplots(1, len(panels), squeeze=False)[0])
+            ncols = min(len(panels), max_columns)
+            nrows = -(-len(panels) // ncols)
+            fig = _new_figure((4.2 * ncols + 1.6, 3.7 * nrows + 0.4))  # + legend
+            grid = fig.subplots(nrows, ncols, squeeze=False)
+            axes = list(grid.ravel()[: len(panels)])
+            for extra in grid.ravel()[len(panels) :]:
+                extra.remove()
         else:
             axes = [ax] if not isinstance(ax, Sequence | np.ndarray) else list(np.ravel(ax))
             if len(axes) != len(panels):
@@ -741,7 +783,8 @@ def recall_curve(
                     c["x"],
                     c["cost"],
                     color=colors[m],
-                    lw=1.3,
+                    lw=1.8 if m.lower() == "atp*" else 1.2,
+                    zorder=3 if m.lower() == "atp*" else 2,  # the headline method on top
                     marker="." if len(c) <= 30 else None,
                     ms=4,
                     label=method_label(m),
@@ -755,13 +798,22 @@ def recall_curve(
             a.set_xscale("log")
             a.set_yscale("log")
             for axis in (a.xaxis, a.yaxis):
-                axis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+                _plain_log_labels(axis)
             a.set_xlabel("top-x true nodes recalled")
             a.set_ylabel(ylabel)
             a.grid(True, which="major", color="0.92", lw=0.6)
             if panel is not None:
                 a.set_title("all nodes" if panel == "all" else f"{panel} nodes")
-        axes[0].legend(loc="upper left")
+        if ax is None:
+            handles, labels = axes[0].get_legend_handles_labels()
+            for a in axes[1:]:  # methods missing from the first panel
+                for h, lab in zip(*a.get_legend_handles_labels(), strict=True):
+                    if lab not in labels:
+                        handles.append(h)
+                        labels.append(lab)
+            fig.legend(handles, labels, loc="outside right upper")
+        else:
+            axes[0].legend(loc="best")
         if title is None:
             title = "Cost of verified recall"
         if ax is None:

@@ -13,14 +13,12 @@ from __future__ import annotations
 
 import argparse
 import time
-from pathlib import Path
 
 import numpy as np
+from common import OUT, ground_truth, task_pairs
 
-from atp_nnsight import Attribution, attribute, keep_correct, load_model, make_task, patch
+from atp_nnsight import Attribution, attribute, load_model
 from atp_nnsight.methods.atp import METHODS
-
-OUT = Path(__file__).parent / "results"
 
 
 def recall(truth: Attribution, estimate: Attribution, k: int = 10, budget: int = 20):
@@ -28,15 +26,6 @@ def recall(truth: Attribution, estimate: Attribution, k: int = 10, budget: int =
     top_est = set(estimate.ranking()[:budget].tolist())
     missed = sorted(top_true - top_est, key=lambda i: -truth.scores[i])
     return len(top_true & top_est) / k, missed
-
-
-def ground_truth(model, pairs, kinds, layers, name):
-    path = OUT / f"exact_{name}.npz"
-    if path.exists():
-        return Attribution.load(path)
-    result = patch(model, pairs, kinds, layers=layers)
-    result.save(path)
-    return result
 
 
 def main() -> None:
@@ -61,7 +50,7 @@ def main() -> None:
     ]
     notes = []
     for task in ("ioi", "factual"):
-        pairs = keep_correct(model, make_task(task, 3 * args.pairs, tokenizer=model.tokenizer))
+        pairs = task_pairs(model, task, max(args.pairs, args.neuron_pairs))
         for kinds, layers, n in (
             ("head,q,k,v", None, args.pairs),
             ("neuron", args.neuron_layers, args.neuron_pairs),

@@ -416,3 +416,19 @@ def test_attribution_plot_methods_delegate():
     r2 = make()
     fig = r2.plot_scatter(exact_for(r2), annotate=0)
     assert not [t for t in fig.axes[0].texts if t.get_text().startswith("head ")]
+
+
+def test_head_heatmap_pools_many_units_without_losing_large_values():
+    r = make()
+    vals = r.mean_effect.copy()
+    head = (r.nodes["kind"] == "head").to_numpy()
+    vals[np.flatnonzero(head)[2]] = -1e4  # layer 0, head 2
+    vals[np.flatnonzero(head)[4:6]] = np.nan  # layer 1, heads 0-1: an all-NaN block
+    fig = plots.head_heatmap(r, value=vals, max_columns=2)
+    full, _, _ = plots.layer_unit_matrix(r, "head", vals)
+    expected = np.stack([full[:, 1], full[:, 3]], axis=1)  # |.| grows with the head index
+    expected[0, 1] = -1e4
+    expected[1, 0] = np.nan
+    np.testing.assert_allclose(image_array(fig), expected)
+    assert "blocks of 2" in fig.axes[0].get_xlabel() and "blocks of 2" in fig.axes[0].get_title()
+    render(fig)

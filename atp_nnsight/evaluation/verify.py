@@ -22,6 +22,7 @@ Ranking order is :meth:`Attribution.ranking` (descending score, ties by node ord
 from __future__ import annotations
 
 import copy
+from collections import Counter
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -107,6 +108,7 @@ def verify(
     result: Attribution,
     *,
     budget: int | None = None,
+    per_kind: int | None = None,
     stop: StopRule = None,
     batch_size: int | None = None,
     chunk_size: int | None = None,
@@ -126,6 +128,8 @@ def verify(
             fires). If ``result`` already carries ``metadata["verified"]`` (from an earlier
             call with the same direction, metric and number of pairs), verification resumes
             after those nodes and they count towards ``budget``.
+        per_kind: verify at most this many nodes of each node kind (the top ones of each kind,
+            still in global ranked order).
         stop: stopping rule, see :func:`resolve_stop`. It is checked after every node; nodes
             after the firing node are dropped even if they were patched in the same chunk
             (their forwards still count in ``cost``).
@@ -174,7 +178,17 @@ def verify(
     if budget is not None and budget < 0:
         raise ValueError(f"budget must be >= 0, got {budget}")
     done = set(order)
-    todo = [int(i) for i in result.ranking() if int(i) not in done][: max(0, target - len(order))]
+    ranked = [int(i) for i in result.ranking() if int(i) not in done]
+    if per_kind is not None:
+        kinds = result.nodes["kind"].to_numpy()
+        taken = Counter(kinds[order].tolist())
+        keep = []
+        for i in ranked:
+            if taken[kinds[i]] < per_kind:
+                taken[kinds[i]] += 1
+                keep.append(i)
+        ranked = keep
+    todo = ranked[: max(0, target - len(order))]
     if chunk_size is None:
         chunk_size = DEFAULT_CHUNK_WITH_STOP if stop_fn is not None else max(1, len(todo))
     stopped_by = "budget" if target < n_nodes else "exhausted"
@@ -223,6 +237,7 @@ def verify(
         "direction": direction,
         "metric": metric_name,
         "budget": budget,
+        "per_kind": per_kind,
         "stop": _describe_stop(stop),
         "stopped_by": stopped_by,
         "chunk_size": chunk_size,
