@@ -13,15 +13,18 @@ decision; ``--out FILE.csv`` gets the flagged nodes and ``FILE.npz`` the verifie
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
 ALL_KINDS = "head,q,k,v,neuron,resid,attn_out,mlp_out"
+RUN_KINDS = "head,q,k,v,neuron"
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -76,26 +79,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=None, help="patched rows per forward")
     a = sub.add_parser("attribute", help="AtP / AtP+QK / AtP+GD / AtP* estimates of every node")
     _common(a)
-    a.add_argument("--method", default="atp*", choices=["atp", "atp+qk", "atp+gd", "atp*"])
-    a.add_argument(
-        "--pairs-per-chunk",
-        type=int,
-        default=16,
-        help="pairs per forward/backward and per remote session",
+    _method_options(a)
+    r = sub.add_parser(
+        "run",
+        help="the main job: AtP* over head,q,k,v,neuron nodes, verify the top of each kind, "
+        "write a report",
     )
+    _common(r)
+    r.set_defaults(nodes=RUN_KINDS, out="atp_report")
+    _set_help(r, "nodes", f"node kinds, comma-separated (default {RUN_KINDS})")
+    _set_help(r, "out", "report folder (default atp_report)")
+    _method_options(r)
+    r.add_argument("--verify", type=int, default=10, help="top nodes of each kind to verify")
+    r.add_argument("--batch-size", type=int, default=None, help="patched rows per forward")
     d = sub.add_parser(
         "diagnose",
         help="verify the top nodes of an AtP-family ranking and bound the effects it missed",
     )
     _common(d)
     _set_help(d, "out", "CSV of the flagged nodes (verified result saved beside as .npz)")
-    d.add_argument("--method", default="atp*", choices=["atp", "atp+qk", "atp+gd", "atp*"])
-    d.add_argument(
-        "--pairs-per-chunk",
-        type=int,
-        default=16,
-        help="pairs per forward/backward and per remote session",
-    )
+    _method_options(d)
     d.add_argument("--batch-size", type=int, default=None, help="patched rows per forward")
     d.add_argument(
         "--verify", type=int, default=20, help="top nodes to verify with exact patching (K)"
@@ -120,6 +123,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     d.add_argument("--subset-seed", type=int, default=0, help="seed of the random subsets")
     return parser
+
+
+def _method_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--method", default="atp*", choices=["atp", "atp+qk", "atp+gd", "atp*"])
+    p.add_argument(
+        "--pairs-per-chunk",
+        type=int,
+        default=16,
+        help="pairs per forward/backward and per remote session",
+    )
 
 
 def _set_help(p: argparse.ArgumentParser, dest: str, text: str) -> None:
@@ -165,6 +178,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "diagnose":
         return run_diagnose(args)
+    if args.command == "run":
+        return run_main_job(args)
     started = time.perf_counter()
     try:
         model, pairs = load_inputs(args)
@@ -272,6 +287,108 @@ def run_diagnose(args: argparse.Namespace) -> int:
         diagnosis.flagged.to_csv(out, index=False)
         npz = verified.save(out.with_suffix(".npz"))
         print(f"\nwrote {out} (flagged nodes) and {npz}")
+    return 0
+
+
+def _attribute(model: Any, pairs: Any, args: argparse.Namespace, **run: Any) -> Any:
+    from atp_nnsight.methods.atp import attribute
+
+    return attribute(
+        model,
+        pairs,
+        args.nodes,
+        method=args.method,
+        layers=args.layers,
+        per_position=args.per_position,
+        direction=args.direction,
+        metric=args.metric,
+        pairs_per_chunk=args.pairs_per_chunk,
+        **run,
+    )
+
+
+def verified_curves(result: Any) -> Any:
+    """Cost-of-verified-recall curves *among the verified nodes*: how far down the method's
+    ranking the largest verified exact effects sat (no exhaustive ground truth needed)."""
+    from atp_nnsight.evaluation import curves, verified_nodes
+
+    order = verified_nodes(result)
+    info = result.metadata["verified"]
+    mask = np.zeros(len(result), dtype=bool)
+    mask[order] = True
+    exact = np.zeros(len(result))
+    exact[order] = info["mean_effect"]
+    per_pair = np.zeros((len(info["per_pair"]), len(result)), dtype=np.float32)
+    per_pair[:, order] = np.asarray(info["per_pair"], dtype=np.float32)
+    truth = dataclasses.replace(
+        result,
+        scores=np.abs(exact),
+        per_pair=per_pair,
+        mean_effect=exact,
+        method="exact",
+        metadata={},
+    ).select(mask)
+    return curves(truth, {result.method: result.select(mask)})
+
+
+def run_main_job(args: argparse.Namespace) -> int:
+    """``atp-nnsight run``: attribute, verify the top ``--verify`` of each kind, report."""
+    started = time.perf_counter()
+    try:
+        from atp_nnsight.evaluation import verified_table, verify
+        from atp_nnsight.report import write_report
+
+        model, pairs = load_inputs(args)
+        run = dict(
+            remote=_remote(args.remote),
+            progress=not args.no_progress,
+            prepend_bos=args.prepend_bos,
+        )
+        result = _attribute(model, pairs, args, **run)
+        ranked_at = time.perf_counter() - started
+        verified = verify(
+            model, pairs, result, per_kind=args.verify, batch_size=args.batch_size, **run
+        )
+    except (ValueError, RuntimeError, FileNotFoundError) as err:
+        print(f"atp-nnsight: error: {err}", file=sys.stderr)
+        return 2
+    elapsed = time.perf_counter() - started
+    info = verified.metadata["verified"]
+    print(
+        f"{result.method} on {result.model}: {len(pairs)} pairs, {len(result)} nodes, "
+        f"{result.direction}, metric {result.metric}; cost {result.cost:g} (ranking, "
+        f"{ranked_at:.0f} s) + {info['cost']:g} (verification) forward passes; {elapsed:.0f} s"
+    )
+    table = verified_table(verified).sort_values(["kind", "rank"], kind="stable")
+    for kind, rows in table.groupby("kind", sort=False):
+        print(
+            f"\ntop {len(rows)} {kind} nodes by {result.method} score, verified by exact patching"
+        )
+        print(
+            rows[["rank", "layer", "index", "position", "score", "estimate", "exact"]].to_string(
+                index=False, float_format=lambda x: f"{x:.4f}", na_rep="-"
+            )
+        )
+    settings = {
+        "task": "pairs from " + args.pairs if args.pairs else f"built-in {args.task}",
+        "seed": args.seed,
+        "verified per kind": args.verify,
+        "time (s)": f"{elapsed:.0f}",
+        "command": "atp-nnsight " + " ".join(sys.argv[1:]) if sys.argv[1:] else "atp-nnsight run",
+    }
+    tokens = (
+        model.tokenizer.convert_ids_to_tokens(model.tokenizer(pairs[0].clean)["input_ids"])
+        if args.per_position
+        else None
+    )
+    html = write_report(
+        args.out,
+        {result.method: verified},
+        settings=settings,
+        curves=verified_curves(verified),
+        tokens=tokens,
+    )
+    print(f"\nreport: {html}")
     return 0
 
 
