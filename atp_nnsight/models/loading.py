@@ -409,6 +409,8 @@ def load_model(
         raise ModelLoadError(
             f"could not load the weights or tokenizer of model {name!r} ({_one_line(error)})"
         ) from None
+    if bundled:
+        hf.config._name_or_path = BUNDLED_MODEL  # not the cache folder, in results and reports
     return _wrap(hf, tokenizer)
 
 
