@@ -54,4 +54,4 @@ def site_order(kind: str, layer: int) -> tuple[int, int]:
 
 def model_name(model: Any) -> str:
     config = model._module.config
-    return str(getattr(model, "repo_id", None) or config._name_or_path or config.model_type)
+    return str(config._name_or_path or getattr(model, "repo_id", None) or config.model_type)
