@@ -225,7 +225,6 @@ def run_diagnose(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     try:
         from atp_nnsight.evaluation import diagnose, verified_table, verify
-        from atp_nnsight.methods.atp import attribute
 
         model, pairs = load_inputs(args)
         run = dict(
@@ -233,18 +232,7 @@ def run_diagnose(args: argparse.Namespace) -> int:
             progress=not args.no_progress,
             prepend_bos=args.prepend_bos,
         )
-        result = attribute(
-            model,
-            pairs,
-            args.nodes,
-            method=args.method,
-            layers=args.layers,
-            per_position=args.per_position,
-            direction=args.direction,
-            metric=args.metric,
-            pairs_per_chunk=args.pairs_per_chunk,
-            **run,
-        )
+        result = _attribute(model, pairs, args, **run)
         verified = verify(
             model, pairs, result, budget=args.verify, batch_size=args.batch_size, **run
         )
