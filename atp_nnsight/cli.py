@@ -141,6 +141,13 @@ def _set_help(p: argparse.ArgumentParser, dest: str, text: str) -> None:
             action.help = text
 
 
+def _run_options(args: argparse.Namespace) -> dict[str, Any]:
+    """How every model computation of a command runs: remote backend, progress, BOS."""
+    return dict(
+        remote=_remote(args.remote), progress=not args.no_progress, prepend_bos=args.prepend_bos
+    )
+
+
 def _remote(value: str) -> Any:
     return {"none": False, "local": "local", "ndif": True}[value]
 
@@ -227,11 +234,7 @@ def run_diagnose(args: argparse.Namespace) -> int:
         from atp_nnsight.evaluation import diagnose, verified_table, verify
 
         model, pairs = load_inputs(args)
-        run = dict(
-            remote=_remote(args.remote),
-            progress=not args.no_progress,
-            prepend_bos=args.prepend_bos,
-        )
+        run = _run_options(args)
         result = _attribute(model, pairs, args, **run)
         verified = verify(
             model, pairs, result, budget=args.verify, batch_size=args.batch_size, **run
@@ -327,11 +330,7 @@ def run_main_job(args: argparse.Namespace) -> int:
         from atp_nnsight.report import write_report
 
         model, pairs = load_inputs(args)
-        run = dict(
-            remote=_remote(args.remote),
-            progress=not args.no_progress,
-            prepend_bos=args.prepend_bos,
-        )
+        run = _run_options(args)
         result = _attribute(model, pairs, args, **run)
         ranked_at = time.perf_counter() - started
         verified = verify(
