@@ -13,25 +13,36 @@ the last-position logit difference ``logit[clean_target] - logit[noise_target]``
 rank by ``mean over pairs of |estimate|``; costs are forward-pass equivalents (backward = 2).
 """
 
-from atp_nnsight.data import (
-    PromptPair,
-    factual_pairs,
-    ioi_pairs,
-    keep_correct,
-    load_pairs,
-    make_task,
-    random_pairs,
-    save_pairs,
-    tokenize_pairs,
-)
-from atp_nnsight.methods.atp import METHODS, attribute
-from atp_nnsight.methods.exact import patch, patch_sets
-from atp_nnsight.metrics import logit_diff, logprob
-from atp_nnsight.models import get_adapter
-from atp_nnsight.models.loading import load_model
-from atp_nnsight.models.tiny import tiny_model
-from atp_nnsight.results import Attribution
-from atp_nnsight.types import NODE_KINDS, Node
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+_EXPORTS: dict[str, str] = {
+    "PromptPair": "atp_nnsight.data",
+    "factual_pairs": "atp_nnsight.data",
+    "ioi_pairs": "atp_nnsight.data",
+    "keep_correct": "atp_nnsight.data",
+    "load_pairs": "atp_nnsight.data",
+    "make_task": "atp_nnsight.data",
+    "random_pairs": "atp_nnsight.data",
+    "save_pairs": "atp_nnsight.data",
+    "tokenize_pairs": "atp_nnsight.data",
+    "METHODS": "atp_nnsight.methods.atp",
+    "attribute": "atp_nnsight.methods.atp",
+    "patch": "atp_nnsight.methods.exact",
+    "patch_sets": "atp_nnsight.methods.exact",
+    "logit_diff": "atp_nnsight.metrics",
+    "logprob": "atp_nnsight.metrics",
+    "get_adapter": "atp_nnsight.models",
+    "load_model": "atp_nnsight.models.loading",
+    "tiny_model": "atp_nnsight.models.tiny",
+    "Attribution": "atp_nnsight.results",
+    "NODE_KINDS": "atp_nnsight.types",
+    "Node": "atp_nnsight.types",
+}
+"""Public name -> defining module. Imported on first use (module ``__getattr__``), so that
+``import atp_nnsight.cli`` stays light: torch, transformers and nnsight load only when needed."""
 
 __all__ = [
     "METHODS",
@@ -56,3 +67,38 @@ __all__ = [
     "tiny_model",
     "tokenize_pairs",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'atp_nnsight' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_EXPORTS})
+
+
+if TYPE_CHECKING:
+    from atp_nnsight.data import (
+        PromptPair,
+        factual_pairs,
+        ioi_pairs,
+        keep_correct,
+        load_pairs,
+        make_task,
+        random_pairs,
+        save_pairs,
+        tokenize_pairs,
+    )
+    from atp_nnsight.methods.atp import METHODS, attribute
+    from atp_nnsight.methods.exact import patch, patch_sets
+    from atp_nnsight.metrics import logit_diff, logprob
+    from atp_nnsight.models import get_adapter
+    from atp_nnsight.models.loading import load_model
+    from atp_nnsight.models.tiny import tiny_model
+    from atp_nnsight.results import Attribution
+    from atp_nnsight.types import NODE_KINDS, Node

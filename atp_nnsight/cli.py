@@ -1,30 +1,100 @@
 """``atp-nnsight``: a thin command line over the library.
 
-Subcommands: ``patch`` (exact activation patching) and ``attribute`` (AtP family). Both write
-``--out FILE.csv`` (one row per node: ``kind,layer,index,position,score,mean_effect``) and the
-full result with per-pair values beside it (``FILE.npz``, load with ``Attribution.load``).
+Subcommands: ``patch`` (exact activation patching), ``attribute`` (AtP family), ``run`` (the
+main job: AtP*, verification of the top nodes of each kind, an HTML report), ``diagnose``
+(verify the top of an AtP ranking and bound what it missed) and ``check-remote`` (the
+smallest NDIF job, to check a remote setup).
 
-``diagnose`` ranks nodes with an AtP-family method, verifies the top ``--verify K`` with exact
-patching and runs the false-negative diagnostic on the rest (``--subsets M`` random subsets):
-it prints the upper bound on the largest unverified effect, the flagged nodes and the stopping
-decision; ``--out FILE.csv`` gets the flagged nodes and ``FILE.npz`` the verified result.
+Outputs: ``--out NAME.csv`` or ``--out NAME.npz`` writes both ``NAME.csv`` (one row per node:
+``kind,layer,index,position,score,mean_effect``; for ``diagnose`` the flagged nodes) and
+``NAME.npz`` (the full result with per-pair values, ``Attribution.load``). ``run --out FOLDER``
+writes a report folder. Every output is written to a temporary name beside its target and
+renamed into place, so a failure leaves earlier outputs intact and never a half-written one.
+
+Every input that can be checked without the model is checked first (pairs file, node kinds,
+layers against the model's ``config.json``, output paths, numeric options): input errors exit
+with code 2 in well under a second. Heavy libraries (torch, transformers, nnsight, pandas) are
+imported only once a command runs. Long runs checkpoint finished chunks (default: a folder per
+run under the cache); rerunning an interrupted command resumes from them.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
+import hashlib
+import importlib
+import json
+import shutil
 import sys
 import time
-from collections.abc import Sequence
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import pandas as pd
+from atp_nnsight import checks
+from atp_nnsight.types import NODE_KINDS, parse_kinds, parse_layers
 
-ALL_KINDS = "head,q,k,v,neuron,resid,attn_out,mlp_out"
+ALL_KINDS = ",".join(NODE_KINDS)
 RUN_KINDS = "head,q,k,v,neuron"
+REPORT_MARKER = "report.html"
+"""The file that marks a folder as an earlier report, which ``run`` may replace."""
+
+EXIT_INPUT_ERROR = 2
+EXIT_FAILED = 1
+EXIT_INTERRUPTED = 130
+
+CHECK_REMOTE_HELP = "run the smallest meaningful NDIF job to check your setup"
+
+OUT_HELP = (
+    "NAME.csv or NAME.npz: writes both NAME.csv (one row per node) and NAME.npz (full result, "
+    "Attribution.load); each file is written atomically"
+)
+
+# Options that change only what is shown or where it goes, not what is computed.
+_PRESENTATION_OPTIONS = ("out", "top", "no_progress", "checkpoint_dir")
+
+
+# ---- option types (argparse reports their errors with exit code 2) --------------------------
+
+
+def _int_type(minimum: int, fix: str = "") -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be a whole number, got {text!r}") from None
+        try:
+            return checks.check_int(value, "the value", minimum, fix)
+        except ValueError as err:
+            raise argparse.ArgumentTypeError(str(err).removeprefix("the value ")) from None
+
+    return parse
+
+
+def _float_type(check: Callable[[float, str], float]) -> Callable[[str], float]:
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
+        try:
+            return check(value, "the value")
+        except ValueError as err:
+            raise argparse.ArgumentTypeError(str(err).removeprefix("the value ")) from None
+
+    return parse
+
+
+POSITIVE = _int_type(1)
+NON_NEGATIVE = _int_type(0)
+BATCH_SIZE = _int_type(1, "omit --batch-size to size batches from the memory budget")
+FRACTION = _float_type(checks.check_fraction)
+POSITIVE_FLOAT = _float_type(checks.check_positive)
+
+
+# ---- the parser ------------------------------------------------------------------------------
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -45,8 +115,8 @@ def _common(p: argparse.ArgumentParser) -> None:
         choices=["ioi", "factual", "random"],
         help="built-in task used when --pairs is not given (default: ioi)",
     )
-    p.add_argument("--n-pairs", type=int, default=16, help="built-in pairs to generate")
-    p.add_argument("--seed", type=int, default=0, help="seed of the built-in pairs")
+    p.add_argument("--n-pairs", type=POSITIVE, default=16, help="built-in pairs to generate")
+    p.add_argument("--seed", type=NON_NEGATIVE, default=0, help="seed of the built-in pairs")
     p.add_argument("--nodes", default="head", help=f"node kinds, comma-separated ({ALL_KINDS})")
     p.add_argument("--layers", default=None, help="layers, e.g. '0-3,29' (default: all)")
     p.add_argument(
@@ -63,9 +133,15 @@ def _common(p: argparse.ArgumentParser) -> None:
         choices=["none", "local", "ndif"],
         help="run on NDIF (needs NDIF_API_KEY), or 'local' to dry-run the request",
     )
-    p.add_argument("--out", default=None, help="CSV of node scores (full result saved as .npz)")
-    p.add_argument("--top", type=int, default=20, help="rows of the ranked table to print")
+    p.add_argument("--out", default=None, help=OUT_HELP)
+    p.add_argument("--top", type=NON_NEGATIVE, default=20, help="rows of the ranked table to print")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    p.add_argument(
+        "--checkpoint-dir",
+        default=None,
+        help="where finished chunks are kept until the run succeeds; rerunning an interrupted "
+        "command resumes from them (default: a folder per run under the atp_nnsight cache)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -76,7 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("patch", help="exact activation patching, one node at a time")
     _common(p)
-    p.add_argument("--batch-size", type=int, default=None, help="patched rows per forward")
+    _batch_size(p)
     a = sub.add_parser("attribute", help="AtP / AtP+QK / AtP+GD / AtP* estimates of every node")
     _common(a)
     _method_options(a)
@@ -88,48 +164,73 @@ def build_parser() -> argparse.ArgumentParser:
     _common(r)
     r.set_defaults(nodes=RUN_KINDS, out="atp_report")
     _set_help(r, "nodes", f"node kinds, comma-separated (default {RUN_KINDS})")
-    _set_help(r, "out", "report folder (default atp_report)")
+    _set_help(
+        r,
+        "out",
+        f"report folder (default atp_report); an earlier report there ({REPORT_MARKER}) is "
+        "replaced once the new one is complete",
+    )
     _method_options(r)
-    r.add_argument("--verify", type=int, default=10, help="top nodes of each kind to verify")
-    r.add_argument("--batch-size", type=int, default=None, help="patched rows per forward")
+    r.add_argument("--verify", type=POSITIVE, default=10, help="top nodes of each kind to verify")
+    _batch_size(r)
     d = sub.add_parser(
         "diagnose",
         help="verify the top nodes of an AtP-family ranking and bound the effects it missed",
     )
     _common(d)
-    _set_help(d, "out", "CSV of the flagged nodes (verified result saved beside as .npz)")
+    _set_help(
+        d,
+        "out",
+        "NAME.csv or NAME.npz: writes NAME.csv (flagged nodes) and NAME.npz (verified result)",
+    )
     _method_options(d)
-    d.add_argument("--batch-size", type=int, default=None, help="patched rows per forward")
+    _batch_size(d)
     d.add_argument(
-        "--verify", type=int, default=20, help="top nodes to verify with exact patching (K)"
+        "--verify",
+        type=NON_NEGATIVE,
+        default=20,
+        help="top nodes to verify with exact patching (K; 0 needs --theta)",
     )
     d.add_argument(
-        "--subsets", type=int, default=200, help="random subsets of unverified nodes (M)"
+        "--subsets", type=_int_type(2), default=200, help="random subsets of unverified nodes (M)"
     )
     d.add_argument(
         "--p",
-        type=float,
+        type=FRACTION,
         default=None,
-        help="subset inclusion probability (default min(0.5, 20/M))",
+        help="subset inclusion probability, in (0, 1) (default min(0.5, 20/M))",
     )
     d.add_argument(
         "--theta",
-        type=float,
+        type=POSITIVE_FLOAT,
         default=None,
         help="effect size that matters (default 0.1 x the largest verified |effect|)",
     )
     d.add_argument(
-        "--delta", type=float, default=0.05, help="1 - confidence of the bound (default 0.05)"
+        "--delta",
+        type=FRACTION,
+        default=0.05,
+        help="1 - confidence of the bound, in (0, 1) (default 0.05)",
     )
-    d.add_argument("--subset-seed", type=int, default=0, help="seed of the random subsets")
+    d.add_argument("--subset-seed", type=NON_NEGATIVE, default=0, help="seed of the random subsets")
+    sub.add_parser("check-remote", help=CHECK_REMOTE_HELP, add_help=False)
     return parser
+
+
+def _batch_size(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--batch-size",
+        type=BATCH_SIZE,
+        default=None,
+        help="patched rows per forward (default: sized from the memory budget)",
+    )
 
 
 def _method_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--method", default="atp*", choices=["atp", "atp+qk", "atp+gd", "atp*"])
     p.add_argument(
         "--pairs-per-chunk",
-        type=int,
+        type=POSITIVE,
         default=16,
         help="pairs per forward/backward and per remote session",
     )
@@ -141,15 +242,62 @@ def _set_help(p: argparse.ArgumentParser, dest: str, text: str) -> None:
             action.help = text
 
 
-def _run_options(args: argparse.Namespace) -> dict[str, Any]:
-    """How every model computation of a command runs: remote backend, progress, BOS."""
-    return dict(
-        remote=_remote(args.remote), progress=not args.no_progress, prepend_bos=args.prepend_bos
-    )
+# ---- checks before the model is loaded -------------------------------------------------------
 
 
-def _remote(value: str) -> Any:
-    return {"none": False, "local": "local", "ndif": True}[value]
+def output_files(out: str) -> tuple[Path, Path]:
+    """``(NAME.csv, NAME.npz)`` for ``--out NAME.csv`` or ``--out NAME.npz``."""
+    path = Path(out)
+    if path.suffix.lower() not in (".csv", ".npz"):
+        raise ValueError(
+            f"--out {out!r} must end in .csv or .npz (both NAME.csv and NAME.npz are written), "
+            f"e.g. --out {path.with_suffix('.csv')}"
+        )
+    return path.with_suffix(".csv"), path.with_suffix(".npz")
+
+
+def _option(name: str, check: Callable[[], Any]) -> Any:
+    """Run ``check``; prefix its error with the option it is about."""
+    try:
+        return check()
+    except (ValueError, TypeError) as err:
+        raise type(err)(f"{name}: {err}") from None
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """Every check that needs no model: node kinds, model folder and config, layers against
+    it, the pairs file, output paths and option combinations. Raises ``ValueError``,
+    ``TypeError`` or ``FileNotFoundError`` with a one-line message."""
+    _option("--nodes", lambda: parse_kinds(args.nodes))
+    if args.remote == "ndif" and args.model is None:
+        raise ValueError(
+            "--remote ndif needs --model with the hub id of a model hosted on NDIF (e.g. "
+            "meta-llama/Llama-3.1-8B); the bundled model runs locally only"
+        )
+    config = _option("--model", lambda: checks.read_model_config(args.model))
+    n_layers = checks.config_n_layers(config) if config is not None else sys.maxsize
+    _option("--layers", lambda: parse_layers(args.layers, n_layers))
+    if args.pairs is not None:
+        from atp_nnsight.data import load_pairs
+
+        pairs = _option("--pairs", lambda: load_pairs(args.pairs))
+        _option("--pairs", lambda: checks.check_pair_texts(pairs, metric=args.metric))
+    if args.command == "run":
+        checks.check_output_folder(args.out, "--out", replaced_if=REPORT_MARKER)
+    elif args.out is not None:
+        for path in output_files(args.out):
+            checks.check_output_file(path, "--out")
+    if args.checkpoint_dir is not None:
+        checks.check_output_folder(args.checkpoint_dir, "--checkpoint-dir")
+    if args.command == "diagnose" and args.verify == 0 and args.theta is None:
+        raise ValueError(
+            "--verify 0 verifies nothing, so theta is needed: give --theta (the effect size "
+            "that matters), or verify some nodes (the default theta is 0.1 x the largest "
+            "verified |effect|)"
+        )
+
+
+# ---- loading and checking the inputs ---------------------------------------------------------
 
 
 def load_inputs(args: argparse.Namespace) -> tuple[Any, list[Any]]:
@@ -167,118 +315,97 @@ def load_inputs(args: argparse.Namespace) -> tuple[Any, list[Any]]:
     return model, pairs
 
 
-def print_table(df: pd.DataFrame, title: str) -> None:
+def check_loaded_pairs(model: Any, pairs: list[Any], args: argparse.Namespace) -> None:
+    """Token-level checks of the pairs under the model's tokenizer, before any compute."""
+    from atp_nnsight.data import tokenize_pairs
+
+    tokenized = tokenize_pairs(pairs, model.tokenizer, prepend_bos=args.prepend_bos)
+    checks.check_distinct_targets(tokenized, metric=args.metric)
+
+
+def _input_errors() -> tuple[type[BaseException], ...]:
+    from atp_nnsight.models.loading import BundledModelMissingError, ModelLoadError
+
+    return (ValueError, TypeError, FileNotFoundError, ModelLoadError, BundledModelMissingError)
+
+
+def _error(err: BaseException | str, code: int = EXIT_INPUT_ERROR) -> int:
+    print(f"atp-nnsight: error: {err}", file=sys.stderr)
+    return code
+
+
+@contextmanager
+def _warnings_to_stderr() -> Iterator[None]:
+    """Show warnings (e.g. about suspicious pairs) as one ``atp-nnsight: warning:`` line."""
+
+    def show(message: Any, category: Any, *_: Any, **__: Any) -> None:
+        print(f"atp-nnsight: warning: {message}", file=sys.stderr)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("default")
+        warnings.showwarning = show
+        yield
+
+
+# ---- checkpoints -----------------------------------------------------------------------------
+
+
+def checkpoint_root(args: argparse.Namespace, model: Any, pairs: list[Any]) -> Path:
+    """``--checkpoint-dir``, or ``<cache>/runs/cli-<command>-<key>``: the key hashes the model,
+    the pairs and every option that changes the computation, so a rerun finds its chunks."""
+    if args.checkpoint_dir is not None:
+        return Path(args.checkpoint_dir).expanduser()
+    from atp_nnsight.methods.common import model_name
+    from atp_nnsight.models.loading import cache_dir
+
+    settings = {k: v for k, v in vars(args).items() if k not in _PRESENTATION_OPTIONS}
+    settings["model"] = model_name(model)
+    settings["pairs"] = [p.to_dict() for p in pairs]
+    key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+    return cache_dir() / "runs" / f"cli-{args.command}-{key}"
+
+
+def _remove_checkpoints(root: Path, steps: Sequence[str]) -> None:
+    """Delete the step folders of a finished run (and ``root`` once it is empty)."""
+    for step in steps:
+        shutil.rmtree(root / step, ignore_errors=True)
+    try:
+        root.rmdir()
+    except OSError:  # missing, or holds other things (a user-chosen folder)
+        pass
+
+
+# ---- commands --------------------------------------------------------------------------------
+
+
+def _run_options(args: argparse.Namespace) -> dict[str, Any]:
+    """How every model computation of a command runs: remote backend, progress, BOS."""
+    return dict(
+        remote=_remote(args.remote), progress=not args.no_progress, prepend_bos=args.prepend_bos
+    )
+
+
+def _remote(value: str) -> Any:
+    return {"none": False, "local": "local", "ndif": True}[value]
+
+
+def print_table(df: Any, title: str) -> None:
     show = df[["rank", "kind", "layer", "index", "position", "score", "mean_effect"]]
     print(f"\n{title}")
     print(show.to_string(index=False, float_format=lambda x: f"{x:.4f}"))
 
 
 def write_outputs(result: Any, out: str | None) -> None:
+    """``NAME.csv`` and ``NAME.npz`` of ``--out``, published together (see the module doc)."""
     if out is None:
         return
-    csv = result.to_csv(out)
-    npz = result.save(Path(out).with_suffix(".npz"))
-    print(f"\nwrote {csv} and {npz}")
+    from atp_nnsight.results import atomic_paths
 
-
-def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    if args.command == "diagnose":
-        return run_diagnose(args)
-    if args.command == "run":
-        return run_main_job(args)
-    started = time.perf_counter()
-    try:
-        model, pairs = load_inputs(args)
-        common = dict(
-            layers=args.layers,
-            per_position=args.per_position,
-            direction=args.direction,
-            metric=args.metric,
-            prepend_bos=args.prepend_bos,
-            remote=_remote(args.remote),
-            progress=not args.no_progress,
-        )
-        if args.command == "patch":
-            from atp_nnsight.methods.exact import patch
-
-            result = patch(model, pairs, args.nodes, batch_size=args.batch_size, **common)
-        else:
-            from atp_nnsight.methods.atp import attribute
-
-            result = attribute(
-                model,
-                pairs,
-                args.nodes,
-                method=args.method,
-                pairs_per_chunk=args.pairs_per_chunk,
-                **common,
-            )
-    except (ValueError, RuntimeError, FileNotFoundError) as err:
-        print(f"atp-nnsight: error: {err}", file=sys.stderr)
-        return 2
-    print(
-        f"{result.method} on {result.model}: {len(pairs)} pairs, {len(result)} nodes, "
-        f"{result.direction}, metric {result.metric}, cost {result.cost:g} forward passes, "
-        f"{time.perf_counter() - started:.1f} s"
-    )
-    print_table(result.top(args.top), f"top {args.top} nodes by score")
-    write_outputs(result, args.out)
-    return 0
-
-
-def run_diagnose(args: argparse.Namespace) -> int:
-    """``atp-nnsight diagnose``: rank, verify the top ``--verify``, diagnose the rest."""
-    started = time.perf_counter()
-    try:
-        from atp_nnsight.evaluation import diagnose, verified_table, verify
-
-        model, pairs = load_inputs(args)
-        run = _run_options(args)
-        result = _attribute(model, pairs, args, **run)
-        verified = verify(
-            model, pairs, result, budget=args.verify, batch_size=args.batch_size, **run
-        )
-        diagnosis = diagnose(
-            model,
-            pairs,
-            result,
-            verified=verified,
-            n_subsets=args.subsets,
-            p=args.p,
-            theta=args.theta,
-            delta=args.delta,
-            seed=args.subset_seed,
-            batch_size=args.batch_size,
-            **run,
-        )
-    except (ValueError, RuntimeError, FileNotFoundError) as err:
-        print(f"atp-nnsight: error: {err}", file=sys.stderr)
-        return 2
-    info = verified.metadata["verified"]
-    print(
-        f"{result.method} on {result.model}: {len(pairs)} pairs, {len(result)} nodes, "
-        f"{result.direction}, metric {result.metric}; cost {result.cost:g} (ranking) + "
-        f"{info['cost']:g} (verification) + {diagnosis.cost:g} (diagnostic) forward passes, "
-        f"{time.perf_counter() - started:.1f} s"
-    )
-    table = verified_table(verified).head(args.top)
-    print(f"\nverified nodes (top {len(info['order'])} by {result.method}; first {len(table)})")
-    print(
-        table[["step", "kind", "layer", "index", "position", "score", "exact"]].to_string(
-            index=False, float_format=lambda x: f"{x:.4f}"
-        )
-    )
-    print()
-    print(diagnosis.summary(max_rows=args.top))
-    print(f"decision: {'STOP' if diagnosis.stop else 'CONTINUE'} verifying")
-    if args.out is not None:
-        out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        diagnosis.flagged.to_csv(out, index=False)
-        npz = verified.save(out.with_suffix(".npz"))
-        print(f"\nwrote {out} (flagged nodes) and {npz}")
-    return 0
+    csv, npz = output_files(out)
+    with atomic_paths(csv, npz) as (tmp_csv, tmp_npz):
+        result.to_csv(tmp_csv)
+        result.save(tmp_npz)
+    print(f"\nwrote {csv} (node scores) and {npz} (full result)")
 
 
 def _attribute(model: Any, pairs: Any, args: argparse.Namespace, **run: Any) -> Any:
@@ -298,9 +425,169 @@ def _attribute(model: Any, pairs: Any, args: argparse.Namespace, **run: Any) -> 
     )
 
 
+class _Run:
+    """One command's model, pairs and checkpoint folder; reports errors with exit codes."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.started = time.perf_counter()
+        self.model: Any = None
+        self.pairs: list[Any] = []
+        self.root: Path | None = None
+        self.steps: list[str] = []
+
+    def load(self) -> None:
+        self.model, self.pairs = load_inputs(self.args)
+        check_loaded_pairs(self.model, self.pairs, self.args)
+        self.root = checkpoint_root(self.args, self.model, self.pairs)
+        print(
+            f"checkpoints: {self.root} (rerun the same command to resume if interrupted)",
+            file=sys.stderr,
+        )
+
+    def checkpoint(self, step: str) -> Path:
+        assert self.root is not None
+        self.steps.append(step)
+        return self.root / step
+
+    def finish(self) -> None:
+        if self.root is not None:
+            _remove_checkpoints(self.root, self.steps)
+
+    def execute(self, body: Callable[[], int]) -> int:
+        """``body()``, with input errors as exit code 2 and failures as 1 (chunks kept)."""
+        kept = ""
+        try:
+            code = body()
+        except _input_errors() as err:
+            return _error(err)
+        except KeyboardInterrupt:
+            if self.root is not None:
+                kept = f"; finished chunks are kept in {self.root}, rerun to resume"
+            return _error(f"interrupted{kept}", EXIT_INTERRUPTED)
+        except Exception as err:
+            if self.root is not None:
+                kept = f" (finished chunks are kept in {self.root}; rerun to resume)"
+            return _error(f"{type(err).__name__}: {err}{kept}", EXIT_FAILED)
+        self.finish()
+        return code
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.started
+
+
+def run_patch_or_attribute(args: argparse.Namespace) -> int:
+    """``atp-nnsight patch`` / ``attribute``: score every node, print the top, write ``--out``."""
+    run = _Run(args)
+
+    def body() -> int:
+        run.load()
+        if args.command == "patch":
+            from atp_nnsight.methods.exact import patch
+
+            result = patch(
+                run.model,
+                run.pairs,
+                args.nodes,
+                layers=args.layers,
+                per_position=args.per_position,
+                direction=args.direction,
+                metric=args.metric,
+                batch_size=args.batch_size,
+                checkpoint_dir=run.checkpoint("patch"),
+                **_run_options(args),
+            )
+        else:
+            result = _attribute(
+                run.model,
+                run.pairs,
+                args,
+                checkpoint_dir=run.checkpoint("attribute"),
+                **_run_options(args),
+            )
+        checks.check_finite_scores(result)
+        print(
+            f"{result.method} on {result.model}: {len(run.pairs)} pairs, {len(result)} nodes, "
+            f"{result.direction}, metric {result.metric}, cost {result.cost:g} forward passes, "
+            f"{run.elapsed():.1f} s"
+        )
+        print_table(result.top(args.top), f"top {args.top} nodes by score")
+        write_outputs(result, args.out)
+        return 0
+
+    return run.execute(body)
+
+
+def run_diagnose(args: argparse.Namespace) -> int:
+    """``atp-nnsight diagnose``: rank, verify the top ``--verify``, diagnose the rest."""
+    run = _Run(args)
+
+    def body() -> int:
+        from atp_nnsight.evaluation import diagnose, verified_table, verify
+        from atp_nnsight.results import atomic_paths
+
+        run.load()
+        options = _run_options(args)
+        result = _attribute(
+            run.model, run.pairs, args, checkpoint_dir=run.checkpoint("attribute"), **options
+        )
+        checks.check_finite_scores(result)
+        verified = verify(
+            run.model,
+            run.pairs,
+            result,
+            budget=args.verify,
+            batch_size=args.batch_size,
+            **options,
+        )
+        diagnosis = diagnose(
+            run.model,
+            run.pairs,
+            result,
+            verified=verified,
+            n_subsets=args.subsets,
+            p=args.p,
+            theta=args.theta,
+            delta=args.delta,
+            seed=args.subset_seed,
+            batch_size=args.batch_size,
+            **options,
+        )
+        info = verified.metadata["verified"]
+        print(
+            f"{result.method} on {result.model}: {len(run.pairs)} pairs, {len(result)} nodes, "
+            f"{result.direction}, metric {result.metric}; cost {result.cost:g} (ranking) + "
+            f"{info['cost']:g} (verification) + {diagnosis.cost:g} (diagnostic) forward "
+            f"passes, {run.elapsed():.1f} s"
+        )
+        table = verified_table(verified).head(args.top)
+        print(f"\nverified nodes (top {len(info['order'])} by {result.method}; first {len(table)})")
+        print(
+            table[["step", "kind", "layer", "index", "position", "score", "exact"]].to_string(
+                index=False, float_format=lambda x: f"{x:.4f}"
+            )
+        )
+        print()
+        print(diagnosis.summary(max_rows=args.top))
+        print(f"decision: {'STOP' if diagnosis.stop else 'CONTINUE'} verifying")
+        if args.out is not None:
+            csv, npz = output_files(args.out)
+            with atomic_paths(csv, npz) as (tmp_csv, tmp_npz):
+                diagnosis.flagged.to_csv(tmp_csv, index=False)
+                verified.save(tmp_npz)
+            print(f"\nwrote {csv} (flagged nodes) and {npz} (verified result)")
+        return 0
+
+    return run.execute(body)
+
+
 def verified_curves(result: Any) -> Any:
     """Cost-of-verified-recall curves *among the verified nodes*: how far down the method's
     ranking the largest verified exact effects sat (no exhaustive ground truth needed)."""
+    import dataclasses
+
+    import numpy as np
+
     from atp_nnsight.evaluation import curves, verified_nodes
 
     order = verified_nodes(result)
@@ -324,59 +611,113 @@ def verified_curves(result: Any) -> Any:
 
 def run_main_job(args: argparse.Namespace) -> int:
     """``atp-nnsight run``: attribute, verify the top ``--verify`` of each kind, report."""
-    started = time.perf_counter()
-    try:
+    run = _Run(args)
+
+    def body() -> int:
         from atp_nnsight.evaluation import verified_table, verify
         from atp_nnsight.report import write_report
+        from atp_nnsight.results import atomic_folder
 
-        model, pairs = load_inputs(args)
-        run = _run_options(args)
-        result = _attribute(model, pairs, args, **run)
-        ranked_at = time.perf_counter() - started
+        run.load()
+        options = _run_options(args)
+        result = _attribute(
+            run.model, run.pairs, args, checkpoint_dir=run.checkpoint("attribute"), **options
+        )
+        checks.check_finite_scores(result)
+        ranked_at = run.elapsed()
         verified = verify(
-            model, pairs, result, per_kind=args.verify, batch_size=args.batch_size, **run
+            run.model,
+            run.pairs,
+            result,
+            per_kind=args.verify,
+            batch_size=args.batch_size,
+            **options,
         )
-    except (ValueError, RuntimeError, FileNotFoundError) as err:
-        print(f"atp-nnsight: error: {err}", file=sys.stderr)
-        return 2
-    elapsed = time.perf_counter() - started
-    info = verified.metadata["verified"]
-    print(
-        f"{result.method} on {result.model}: {len(pairs)} pairs, {len(result)} nodes, "
-        f"{result.direction}, metric {result.metric}; cost {result.cost:g} (ranking, "
-        f"{ranked_at:.0f} s) + {info['cost']:g} (verification) forward passes; {elapsed:.0f} s"
-    )
-    table = verified_table(verified).sort_values(["kind", "rank"], kind="stable")
-    for kind, rows in table.groupby("kind", sort=False):
+        elapsed = run.elapsed()
+        info = verified.metadata["verified"]
         print(
-            f"\ntop {len(rows)} {kind} nodes by {result.method} score, verified by exact patching"
+            f"{result.method} on {result.model}: {len(run.pairs)} pairs, {len(result)} nodes, "
+            f"{result.direction}, metric {result.metric}; cost {result.cost:g} (ranking, "
+            f"{ranked_at:.0f} s) + {info['cost']:g} (verification) forward passes; "
+            f"{elapsed:.0f} s"
         )
-        print(
-            rows[["rank", "layer", "index", "position", "score", "estimate", "exact"]].to_string(
-                index=False, float_format=lambda x: f"{x:.4f}", na_rep="-"
+        table = verified_table(verified).sort_values(["kind", "rank"], kind="stable")
+        for kind, rows in table.groupby("kind", sort=False):
+            print(
+                f"\ntop {len(rows)} {kind} nodes by {result.method} score, verified by exact "
+                "patching"
             )
+            print(
+                rows[
+                    ["rank", "layer", "index", "position", "score", "estimate", "exact"]
+                ].to_string(index=False, float_format=lambda x: f"{x:.4f}", na_rep="-")
+            )
+        command = " ".join(sys.argv[1:]) if sys.argv[1:] else "run"
+        settings = {
+            "task": "pairs from " + args.pairs if args.pairs else f"built-in {args.task}",
+            "seed": args.seed,
+            "verified per kind": args.verify,
+            "time (s)": f"{elapsed:.0f}",
+            "command": f"atp-nnsight {command}",
+        }
+        tokens = (
+            run.model.tokenizer.convert_ids_to_tokens(
+                run.model.tokenizer(run.pairs[0].clean)["input_ids"]
+            )
+            if args.per_position
+            else None
         )
-    settings = {
-        "task": "pairs from " + args.pairs if args.pairs else f"built-in {args.task}",
-        "seed": args.seed,
-        "verified per kind": args.verify,
-        "time (s)": f"{elapsed:.0f}",
-        "command": "atp-nnsight " + " ".join(sys.argv[1:]) if sys.argv[1:] else "atp-nnsight run",
-    }
-    tokens = (
-        model.tokenizer.convert_ids_to_tokens(model.tokenizer(pairs[0].clean)["input_ids"])
-        if args.per_position
-        else None
-    )
-    html = write_report(
-        args.out,
-        {result.method: verified},
-        settings=settings,
-        curves=verified_curves(verified),
-        tokens=tokens,
-    )
-    print(f"\nreport: {html}")
-    return 0
+        out = Path(args.out)
+        with atomic_folder(out) as staging:
+            html = write_report(
+                staging,
+                {result.method: verified},
+                settings=settings,
+                curves=verified_curves(verified),
+                tokens=tokens,
+            )
+        print(f"\nreport: {out / Path(html).relative_to(staging)}")
+        return 0
+
+    return run.execute(body)
+
+
+def run_check_remote(argv: Sequence[str]) -> int:
+    """``atp-nnsight check-remote``: options and behaviour come from
+    :mod:`atp_nnsight.remote_check` (``add_arguments(parser)``, ``run(args) -> int``)."""
+    try:
+        remote_check = importlib.import_module("atp_nnsight.remote_check")
+    except ModuleNotFoundError as err:
+        if err.name != "atp_nnsight.remote_check":
+            raise
+        return _error(
+            "check-remote is not available: this installation of atp_nnsight has no "
+            "atp_nnsight.remote_check module; reinstall or update atp_nnsight (pip install -e .)"
+        )
+    parser = argparse.ArgumentParser(prog="atp-nnsight check-remote", description=CHECK_REMOTE_HELP)
+    remote_check.add_arguments(parser)
+    return int(remote_check.run(parser.parse_args(argv)))
+
+
+COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
+    "patch": run_patch_or_attribute,
+    "attribute": run_patch_or_attribute,
+    "run": run_main_job,
+    "diagnose": run_diagnose,
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["check-remote"]:
+        return run_check_remote(argv[1:])
+    args = build_parser().parse_args(argv)
+    with _warnings_to_stderr():
+        try:
+            check_args(args)
+        except (ValueError, TypeError, FileNotFoundError) as err:
+            return _error(err)
+        return COMMANDS[args.command](args)
 
 
 if __name__ == "__main__":

@@ -11,6 +11,12 @@ pairs where the method has one, else ``None``. ``cost`` is in forward-pass equiv
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import uuid
+import zipfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,7 +24,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from atp_nnsight.types import Node
+from atp_nnsight.types import Node, check_kind
 
 NODE_COLUMNS = ["kind", "layer", "index", "position"]
 
@@ -70,8 +76,13 @@ class Attribution:
     def select(self, mask: np.ndarray | pd.Series | str) -> Attribution:
         """The result restricted to some nodes: a boolean mask over nodes, or a node kind."""
         if isinstance(mask, str):
-            mask = self.nodes["kind"] == mask
-        mask = np.asarray(mask, dtype=bool)
+            mask = self.nodes["kind"] == check_kind(mask)
+        mask = np.asarray(mask)
+        if mask.dtype != bool or mask.shape != (len(self),):
+            raise ValueError(
+                f"select needs a node kind or a boolean mask over the {len(self)} nodes, got "
+                f"{mask.dtype} values of shape {mask.shape}"
+            )
         return Attribution(
             nodes=self.nodes[mask].reset_index(drop=True),
             scores=self.scores[mask],
@@ -101,11 +112,21 @@ class Attribution:
         return df
 
     def top(self, k: int = 10, kind: str | None = None) -> pd.DataFrame:
-        """The ``k`` highest-scoring nodes (optionally of one kind), best first."""
+        """The ``k`` highest-scoring nodes (optionally of one kind), best first.
+
+        Raises ``ValueError`` for an unknown kind, or one this result has no nodes of."""
+        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 0:
+            raise ValueError(f"top needs a number of rows k >= 0, got {k!r}")
         df = self.to_dataframe()
         if kind is not None:
+            present = list(dict.fromkeys(df["kind"]))
+            if check_kind(kind) not in present:
+                raise ValueError(
+                    f"this {self.method} result has no {kind!r} nodes; its kinds are "
+                    f"{', '.join(present)}"
+                )
             df = df[df["kind"] == kind]
-        return df.sort_values("rank").head(k)
+        return df.sort_values("rank").head(int(k))
 
     # ---- plots (matplotlib; see atp_nnsight.plots) -------------------------------------------
     def plot_heads(self, kind: str = "head", value: str = "score", **kwargs: Any) -> Any:
@@ -130,14 +151,18 @@ class Attribution:
 
     # ---- persistence -------------------------------------------------------------------------
     def to_csv(self, path: str | Path) -> Path:
-        """CSV with ``kind,layer,index,position,score,mean_effect`` (position empty if summed)."""
+        """CSV with ``kind,layer,index,position,score,mean_effect`` (position empty if summed).
+
+        Written atomically: a failure leaves any earlier file at ``path`` intact."""
         path = Path(path)
         cols = NODE_COLUMNS + ["score", "mean_effect"]
-        self.to_dataframe()[cols].to_csv(path, index=False)
+        with atomic_paths(path) as (tmp,):
+            self.to_dataframe()[cols].to_csv(tmp, index=False)
         return path
 
     def save(self, path: str | Path) -> Path:
-        """Save everything (node table, scores, per-pair values, metadata) to one ``.npz``."""
+        """Save everything (node table, scores, per-pair values, metadata) to one ``.npz``
+        (the suffix is set to ``.npz``). Written atomically, like :meth:`to_csv`."""
         path = Path(path)
         if path.suffix != ".npz":
             path = path.with_suffix(".npz")
@@ -162,32 +187,127 @@ class Attribution:
         }
         if self.mean_effect is not None:
             arrays["mean_effect"] = self.mean_effect
-        path.parent.mkdir(parents=True, exist_ok=True)
-        np.savez_compressed(path, **arrays)
+        with atomic_paths(path) as (tmp,):
+            np.savez_compressed(tmp, **arrays)
         return path
 
     @classmethod
     def load(cls, path: str | Path) -> Attribution:
-        with np.load(Path(path), allow_pickle=False) as z:
-            meta = json.loads(str(z["meta"]))
-            pos = z["position"]
-            nodes = pd.DataFrame(
-                {
-                    "kind": z["kind"].astype(object),
-                    "layer": z["layer"],
-                    "index": z["index"],
-                    "position": pd.array(
-                        [None if np.isnan(p) else int(p) for p in pos], dtype="Int64"
-                    ),
-                }
+        """Read a result written by :meth:`save` (an ``.npz`` file)."""
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"no saved result at {path}")
+        if path.suffix.lower() != ".npz":
+            beside = path.with_suffix(".npz")
+            hint = f"load {beside} instead" if beside.is_file() else "load the .npz file"
+            raise ValueError(
+                f"{path} is not a saved Attribution: save() writes .npz files (the CSV holds only "
+                f"the node table; read it with pandas.read_csv); {hint}"
             )
-            return cls(
-                nodes=nodes,
-                scores=z["scores"],
-                per_pair=z["per_pair"],
-                mean_effect=z["mean_effect"] if "mean_effect" in z.files else None,
-                **meta,
-            )
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                missing = [k for k in _SAVED_KEYS if k not in z.files]
+                if missing:
+                    raise ValueError(
+                        f"{path} is an .npz file but not a saved Attribution (no "
+                        f"{', '.join(missing)}); load a file written by Attribution.save"
+                    )
+                return cls._from_arrays(z)
+        except (zipfile.BadZipFile, OSError, EOFError) as err:
+            raise ValueError(
+                f"{path} is not a readable .npz file ({type(err).__name__}: {err}); it may be "
+                "truncated — write it again with Attribution.save"
+            ) from None
+
+    @classmethod
+    def _from_arrays(cls, z: Any) -> Attribution:
+        meta = json.loads(str(z["meta"]))
+        pos = z["position"]
+        nodes = pd.DataFrame(
+            {
+                "kind": z["kind"].astype(object),
+                "layer": z["layer"],
+                "index": z["index"],
+                "position": pd.array([None if np.isnan(p) else int(p) for p in pos], dtype="Int64"),
+            }
+        )
+        return cls(
+            nodes=nodes,
+            scores=z["scores"],
+            per_pair=z["per_pair"],
+            mean_effect=z["mean_effect"] if "mean_effect" in z.files else None,
+            **meta,
+        )
+
+
+_SAVED_KEYS = ("kind", "layer", "index", "position", "scores", "per_pair", "meta")
+
+
+def temporary_sibling(path: Path) -> Path:
+    """A fresh hidden name in ``path``'s folder that keeps its suffix (``.x.1a2b.tmp.csv``)."""
+    return path.with_name(f".{path.stem}.{uuid.uuid4().hex[:12]}.tmp{path.suffix}")
+
+
+@contextmanager
+def atomic_paths(*paths: str | Path) -> Iterator[list[Path]]:
+    """Temporary paths to write ``paths`` to, all published together.
+
+    Yields one temporary sibling per target (same folder, same suffix). When the block
+    finishes, each temporary replaces its target (``os.replace``); when it raises, the
+    temporaries are deleted and every target is left as it was. Missing folders are created.
+    """
+    targets = [Path(p) for p in paths]
+    for target in targets:
+        target.parent.mkdir(parents=True, exist_ok=True)
+    temps = [temporary_sibling(t) for t in targets]
+    try:
+        yield temps
+        for tmp in temps:
+            if not tmp.exists():
+                raise FileNotFoundError(f"nothing was written to {tmp}")
+    except BaseException:
+        for tmp in temps:
+            _remove(tmp)
+        raise
+    for tmp, target in zip(temps, targets, strict=True):
+        os.replace(tmp, target)
+
+
+@contextmanager
+def atomic_folder(path: str | Path) -> Iterator[Path]:
+    """A temporary sibling folder to fill; on success it replaces folder ``path`` as a whole.
+
+    An earlier folder at ``path`` is removed only once the new one is in place; when the block
+    raises, the temporary folder is deleted and ``path`` is left as it was.
+    """
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temporary_sibling(target)
+    tmp.mkdir()
+    try:
+        yield tmp
+    except BaseException:
+        _remove(tmp)
+        raise
+    old = temporary_sibling(target) if target.exists() else None
+    if old is not None:
+        os.replace(target, old)
+    try:
+        os.replace(tmp, target)
+    except BaseException:
+        if old is not None:
+            os.replace(old, target)
+        _remove(tmp)
+        raise
+    if old is not None:
+        _remove(old)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
 
 
 def _json_default(obj: Any) -> Any:

@@ -23,9 +23,12 @@ import json
 from collections.abc import Iterable, Mapping
 from dataclasses import astuple, dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+from atp_nnsight import checks
+
+if TYPE_CHECKING:
+    import torch
 
 FIELDS: tuple[str, ...] = ("clean", "noise", "clean_target", "noise_target")
 """The fields of a prompt pair, in order (also the column order of saved files)."""
@@ -95,7 +98,7 @@ def _pair_from_item(item: Any, where: str) -> PromptPair:
 
 def _load_jsonl(path: Path) -> list[PromptPair]:
     pairs = []
-    with path.open(encoding="utf-8") as fh:
+    with path.open(encoding="utf-8-sig") as fh:  # -sig: accept a byte-order mark
         for lineno, line in enumerate(fh, start=1):
             if not line.strip():
                 continue
@@ -112,7 +115,7 @@ def _load_jsonl(path: Path) -> list[PromptPair]:
 
 def _load_csv(path: Path) -> list[PromptPair]:
     pairs = []
-    with path.open(encoding="utf-8", newline="") as fh:
+    with path.open(encoding="utf-8-sig", newline="") as fh:  # -sig: Excel writes a BOM
         reader = csv.DictReader(fh)
         header = reader.fieldnames or []
         unknown = [h for h in header if h not in FIELDS]
@@ -169,8 +172,13 @@ def load_pairs(source: Any) -> list[PromptPair]:
             )
         ]
         what = "the DataFrame"
-    elif isinstance(source, (Mapping, PromptPair)) or not isinstance(source, Iterable):
-        raise ValueError(
+    elif isinstance(source, (Mapping, PromptPair)):
+        raise TypeError(
+            f"pairs must be a list of pairs, got a single {type(source).__name__}; wrap it in a "
+            "list: [pair]"
+        )
+    elif not isinstance(source, Iterable) or isinstance(source, bytes):
+        raise TypeError(
             f"cannot load prompt pairs from a {type(source).__name__}; pass a list of "
             "PromptPair/dicts/4-tuples, a pandas DataFrame, or a .jsonl/.csv path"
         )
@@ -266,6 +274,8 @@ class TokenizedPairs:
         return [int(ids.shape[0]) for ids in self.clean_ids]
 
     def _group(self, indices: list[int]) -> PairGroup:
+        import torch
+
         return PairGroup(
             indices=list(indices),
             clean=torch.stack([self.clean_ids[i] for i in indices]),
@@ -321,10 +331,17 @@ def tokenize_pairs(pairs: Any, tokenizer: Any, prepend_bos: bool = False) -> Tok
     ``add_special_tokens=False`` and must be exactly one token.
 
     Raises ``ValueError`` naming the pair index (0-based) and showing the tokens for: clean and
-    noise prompts of different token lengths, a target that is not exactly one token, an empty
-    prompt, and no pairs at all. Up to five problems are listed in one error.
+    noise prompts of different token lengths, a target that is not exactly one token or is the
+    tokenizer's unknown token, an empty prompt, and no pairs at all (up to five problems are
+    listed in one error); and for clean and noise prompts of identical tokens (nothing to
+    patch). Warns (:class:`~atp_nnsight.checks.PairWarning`) about identical targets and
+    about targets whose leading space does not match how the prompt continues.
     """
+    import torch
+
+    checks.check_tokenizer(tokenizer)
     pairs = load_pairs(pairs)
+    unk = getattr(tokenizer, "unk_token_id", None)
     bos = None
     if prepend_bos:
         bos = getattr(tokenizer, "bos_token_id", None)
@@ -367,6 +384,11 @@ def tokenize_pairs(pairs: Any, tokenizer: Any, prepend_bos: bool = False) -> Tok
                     f"pair {i}: {name} {text!r} is {len(ids)} tokens {_tokens(tokenizer, ids)}, "
                     "expected exactly 1"
                 )
+            elif unk is not None and ids[0] == unk and text.strip() != tokenizer.unk_token:
+                errs.append(
+                    f"pair {i}: {name} {text!r} is not in the vocabulary (it is the unknown "
+                    f"token {tokenizer.unk_token!r}); use a word the tokenizer knows"
+                )
             targets.append(ids[0] if ids else -1)
         if errs:
             problems.extend(errs)
@@ -381,10 +403,14 @@ def tokenize_pairs(pairs: Any, tokenizer: Any, prepend_bos: bool = False) -> Tok
         if more > 0:
             msg += f"\n... and {more} more problem(s)"
         raise ValueError(msg)
-    return TokenizedPairs(
+    tokenized = TokenizedPairs(
         pairs=pairs,
         clean_ids=clean_ids,
         noise_ids=noise_ids,
         clean_target=torch.tensor(clean_tgt, dtype=torch.long),
         noise_target=torch.tensor(noise_tgt, dtype=torch.long),
     )
+    checks.check_distinct_prompts(tokenized)
+    checks.check_distinct_targets(tokenized, metric=None)
+    checks.check_target_spacing(tokenized, tokenizer)
+    return tokenized

@@ -281,9 +281,10 @@ def random_pairs(n: int, seed: int = 0, tokenizer: Any = None) -> list[PromptPai
     """Pairs of unrelated natural-text prompts of equal token length (a generic control task).
 
     Two different sentences of :data:`RANDOM_CORPUS` are cut after the same number of tokens
-    (at least 4); each target is the token that really follows its prompt in the sentence
-    (``tokenizer.decode([id])``). Pairs whose prefixes do not re-tokenize to the same tokens,
-    whose targets do not re-encode to one token, or whose two targets coincide are redrawn.
+    (at least 4), where a new word starts; each target is the token that really follows its
+    prompt in the sentence (``tokenizer.decode([id])``, with its leading space). Pairs whose
+    prefixes do not re-tokenize to the same tokens, whose targets do not re-encode to one token
+    or do not start a word, or whose two targets coincide are redrawn.
     The tokenizer is required.
     """
     n = _check_n(n)
@@ -295,6 +296,8 @@ def random_pairs(n: int, seed: int = 0, tokenizer: Any = None) -> list[PromptPai
     def cut(ids: list[int], length: int) -> tuple[str, str] | None:
         prompt = tokenizer.decode(ids[:length], clean_up_tokenization_spaces=False)
         target = tokenizer.decode([ids[length]])
+        if not (target[:1].isspace() and target[1:2].isalnum()):  # a new word starts here
+            return None
         if list(tokenizer.encode(prompt, add_special_tokens=False)) != ids[:length]:
             return None
         if list(tokenizer.encode(target, add_special_tokens=False)) != [ids[length]]:

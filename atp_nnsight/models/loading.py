@@ -324,6 +324,16 @@ def _load_config(name: str, **kwargs: Any) -> Any:
         raise _load_error(name, error) from None
 
 
+def _check_local_files(folder: str) -> None:
+    """Name missing weights or tokenizer files (transformers would blame sentencepiece)."""
+    from atp_nnsight.checks import check_model_files
+
+    try:
+        check_model_files(folder)
+    except ValueError as error:
+        raise ModelLoadError(f"could not load model: {error}") from None
+
+
 def _validate_architecture(config: Any) -> None:
     from atp_nnsight.models import adapter_for_config
 
@@ -398,6 +408,8 @@ def load_model(
         source = os.path.expanduser(name)
         config_kwargs = {k: v for k, v in kwargs.items() if k in _CONFIG_KWARGS}
         _validate_architecture(_load_config(source, **config_kwargs))
+        if os.path.isdir(source):
+            _check_local_files(source)
 
     tokenizer_kwargs = {k: v for k, v in kwargs.items() if k in _CONFIG_KWARGS}
     try:

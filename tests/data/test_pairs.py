@@ -173,8 +173,10 @@ def test_bad_tuple_and_item_types():
         load_pairs([astuple(PAIRS[0]), ("a", "b", " c")])
     with pytest.raises(ValueError, match=r"pair 0: expected a PromptPair, a dict or a 4-tuple"):
         load_pairs([42])
-    with pytest.raises(ValueError, match="cannot load prompt pairs from a dict"):
+    with pytest.raises(TypeError, match=r"got a single dict; wrap it in a list: \[pair\]"):
         load_pairs(PAIRS[0].to_dict())
+    with pytest.raises(TypeError, match="cannot load prompt pairs from a int"):
+        load_pairs(5)
 
 
 def test_unknown_extension(tmp_path):

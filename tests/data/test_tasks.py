@@ -1,9 +1,11 @@
 from __future__ import annotations
 
 import re
+import warnings
 
 import pytest
 
+from atp_nnsight.checks import PairWarning
 from atp_nnsight.data import (
     TASKS,
     PromptPair,
@@ -45,7 +47,9 @@ def test_deterministic_and_valid_under_tokenizer(tokenizer, name):
     assert a != c
     assert len(a) == 40 and all(isinstance(p, PromptPair) for p in a)
     assert a == TASKS[name](40, seed=3, tokenizer=tokenizer)
-    tp = tokenize_pairs(a, tokenizer)  # raises on unequal lengths or multi-token targets
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", PairWarning)  # built-in tasks mind the leading space
+        tp = tokenize_pairs(a, tokenizer)  # raises on unequal lengths or multi-token targets
     assert len(tp) == 40
     for p in a:
         assert len(tokenizer.encode(p.clean_target, add_special_tokens=False)) == 1
@@ -138,6 +142,7 @@ def test_random_pairs(tokenizer):
         assert clean_src and noise_src, p
         assert clean_src != noise_src
         assert p.clean_target != p.noise_target
+        assert p.clean_target[0] == " " and p.noise_target[0] == " "  # cut where a word starts
         assert len(tokenizer(p.clean)["input_ids"]) >= 4
     with pytest.raises(ValueError, match="random_pairs needs a tokenizer"):
         random_pairs(3)
