@@ -236,7 +236,8 @@ def check_output_file(path: str | os.PathLike[str], what: str = "output") -> Pat
     target = Path(os.path.expanduser(path))
     if target.is_dir():
         raise ValueError(
-            f"{what} {str(path)!r} is a folder; give a file name (e.g. {str(path)!r}/scores.csv)"
+            f"{what} {str(path)!r} is a folder; give a file name, e.g. "
+            f"{str(target / 'scores.csv')!r}"
         )
     _check_writable_parent(target, what, str(path))
     return target

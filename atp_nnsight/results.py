@@ -205,19 +205,25 @@ class Attribution:
                 f"the node table; read it with pandas.read_csv); {hint}"
             )
         try:
-            with np.load(path, allow_pickle=False) as z:
-                missing = [k for k in _SAVED_KEYS if k not in z.files]
-                if missing:
-                    raise ValueError(
-                        f"{path} is an .npz file but not a saved Attribution (no "
-                        f"{', '.join(missing)}); load a file written by Attribution.save"
-                    )
-                return cls._from_arrays(z)
-        except (zipfile.BadZipFile, OSError, EOFError) as err:
+            archive = np.load(path, allow_pickle=False)
+        except (ValueError, OSError, EOFError, zipfile.BadZipFile):
             raise ValueError(
-                f"{path} is not a readable .npz file ({type(err).__name__}: {err}); it may be "
-                "truncated — write it again with Attribution.save"
+                f"{path} is not a readable .npz file (truncated, or another format); write it "
+                "again with Attribution.save"
             ) from None
+        if not isinstance(archive, np.lib.npyio.NpzFile):
+            raise ValueError(
+                f"{path} holds one array, not a saved Attribution; load a file "
+                "written by Attribution.save"
+            )
+        with archive as z:
+            missing = [k for k in _SAVED_KEYS if k not in z.files]
+            if missing:
+                raise ValueError(
+                    f"{path} is an .npz file but not a saved Attribution (no "
+                    f"{', '.join(missing)}); load a file written by Attribution.save"
+                )
+            return cls._from_arrays(z)
 
     @classmethod
     def _from_arrays(cls, z: Any) -> Attribution:

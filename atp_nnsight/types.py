@@ -115,7 +115,8 @@ def parse_layers(
         )
     if not layers:
         raise ValueError(
-            f"no layers selected by {spec!r}; give e.g. {LAYER_SPEC_EXAMPLE}, or None for all"
+            f"no layers selected by {spec!r}; give e.g. {LAYER_SPEC_EXAMPLE}, or omit layers "
+            "for all"
         )
     bad = sorted({x for x in layers if not 0 <= x < n_layers})
     if bad:

@@ -161,7 +161,10 @@ def load_pairs(source: Any) -> list[PromptPair]:
                 f"use one of {', '.join(FILE_SUFFIXES)}"
             )
         if not path.is_file():
-            raise FileNotFoundError(f"no such prompt-pair file: {path}")
+            raise FileNotFoundError(
+                f"no such prompt-pair file: {path}; check the path (a .jsonl or .csv file with "
+                f"the fields {', '.join(FIELDS)})"
+            )
         pairs = _load_jsonl(path) if suffix == ".jsonl" else _load_csv(path)
         what = str(path)
     elif _is_dataframe(source):
@@ -186,7 +189,9 @@ def load_pairs(source: Any) -> list[PromptPair]:
         pairs = [_pair_from_item(item, f"pair {i}") for i, item in enumerate(source)]
         what = f"the given {type(source).__name__}"
     if not pairs:
-        raise ValueError(f"no prompt pairs in {what}")
+        raise ValueError(
+            f"no prompt pairs in {what}; give at least one pair with the fields {', '.join(FIELDS)}"
+        )
     return pairs
 
 
