@@ -12,10 +12,22 @@ Per pair (noising: base = clean, source = noise; denoising swaps them), for node
   dropped (the skip path still carries it), giving ``Î_ℓ``. Per pair the score is
   ``Σ_ℓ |Î_ℓ| / (L - 1)`` for nodes inside a block (their own-layer term is zero) and
   ``/ L`` for ``resid`` nodes (no term is structurally zero), so a node whose gradient no drop
-  changes scores exactly ``|Î_AtP|``. One forward is shared by all drops: the dropped gradient
-  is the vector-Jacobian product of ``∂M/∂resid_post_ℓ`` through ``resid_pre_ℓ`` into the layers
-  below, which is what autograd computes from ``resid_pre_ℓ`` with that upstream gradient.
+  changes scores exactly ``|Î_AtP|``. With layer ℓ's write dropped, the gradient at
+  ``resid_pre_ℓ`` is ``∂M/∂resid_post_ℓ`` (skip path only), whatever the block computes
+  (sequential, parallel or sandwich-normed): that is where each dropped backward starts.
 * ``atp*`` = QK fix + GradDrop (each dropped gradient feeds the QK fix).
+
+How it runs (one forward of the source prompts, one of the base prompts, then a backward that
+walks down the layers): the backward is a chain of vector-Jacobian products, one segment per
+layer, from the layer's output to its sites and its input. Every backward ("stream": the
+full one, and one per dropped layer) steps through a layer before the next layer is started,
+so each layer's estimates are reduced as soon as its gradients exist, on that layer's
+device; its source activations, attention recomputation and graph segment are then freed
+(the last stream through a segment does not retain it). Only reduced ``[pairs, nodes]``
+values leave a layer, moved to the CPU; gradients handed from one layer to the next are
+moved to the device of the tensor they belong to. What is held beyond autograd's own graph:
+the source activations of layers not yet reached, and one residual-sized gradient per live
+stream (at most ``L``).
 
 Ranking: ``mean_pairs |Î|`` (Eq. 5) or the GradDrop mean; ``mean_effect`` is the signed mean
 (``None`` for GradDrop methods, whose per-pair scores are unsigned). Cost in forward-pass
@@ -26,16 +38,21 @@ paper does even though the dropped backwards here only run through the layers be
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 
-from atp_nnsight.methods import qk_fix
-from atp_nnsight.methods.common import Roles, common_length, model_name, prepare_pairs
+from atp_nnsight.methods.common import (
+    common_length,
+    metric_values,
+    model_name,
+    prepare_pairs,
+    roles_of,
+)
+from atp_nnsight.methods.qk_fix import QK_CHUNK_BYTES, layer_estimates
 from atp_nnsight.metrics import Metric, resolve_metric
-from atp_nnsight.models import Adapter, AttentionCall, get_adapter
+from atp_nnsight.models import get_adapter
 from atp_nnsight.nodes import NodeLayout
 from atp_nnsight.remote import Remote, run_chunks
 from atp_nnsight.results import Attribution
@@ -49,189 +66,251 @@ METHODS: dict[str, tuple[bool, bool]] = {
 }
 """Method name → (QK fix, GradDrop)."""
 
+FULL = -1
+"""Stream id of the undropped backward (dropped ones are named by their layer)."""
 
-@dataclass(frozen=True)
-class AtpChunk:
-    """Inputs of one session: pairs of one length and what to compute."""
-
-    adapter: Adapter
-    roles: Roles
-    metric: Metric
-    kinds: tuple[str, ...]
-    layers: tuple[int, ...]
-    per_position: bool
-    qk: bool
-    graddrop: bool
+OWN_DROP = -2
+"""Estimates of a ``resid`` node with its own layer's write dropped (no backward needed)."""
 
 
-def _reads(chunk: AtpChunk, layer: int, for_base: bool) -> tuple[tuple[str, ...], bool]:
-    """Kinds to read at ``layer`` and whether the attention call is needed."""
-    kinds = set(chunk.kinds) if layer in chunk.layers else set()
-    attention = chunk.qk and bool(kinds & {"q", "k"})
-    if for_base and attention:
-        kinds.add("head")  # ∂M/∂z for the QK fix
-    if for_base and chunk.graddrop and layer > 0:
-        kinds.add("resid")  # resid_pre_ℓ: where each dropped backward starts
-    return tuple(sorted(kinds)), attention
+def _qk_kinds(chunk: dict, layer: int) -> tuple[str, ...]:
+    """The q/k kinds of ``layer`` estimated with the QK fix."""
+    if not chunk["qk"] or layer not in chunk["layers"]:
+        return ()
+    return tuple(k for k in ("q", "k") if k in chunk["kinds"])
 
 
-def _qk_estimates(
-    adapter: Adapter,
-    call: AttentionCall,
-    src: dict[str, torch.Tensor],
-    grad_z: torch.Tensor,
-    kinds: Sequence[str],
-    per_position: bool,
-) -> dict[str, torch.Tensor]:
-    """QK-fixed estimates ``[n, positions, units]`` for the q/k kinds requested."""
-    args = (call.scaling, call.mask, call.sliding_window, call.softcap)
-    scores = qk_fix.attention_scores(call.q, call.k, *args)
-    probs = torch.softmax(scores, dim=-1)
-    g = qk_fix.attention_grad(call.v, grad_z, adapter.n_heads)
-    out = {}
-    if "q" in kinds:
-        est = qk_fix.query_fix(call.q, src["q"], call.k, g, probs, *args)  # [n, Hq, T]
-        out["q"] = est.transpose(1, 2) if per_position else est.sum(-1).unsqueeze(1)
-    if "k" in kinds:
-        if per_position:
-            est = qk_fix.key_fix(call.q, call.k, src["k"], g, probs, scores, *args)
-            out["k"] = est.transpose(1, 2)
-        else:
-            out["k"] = qk_fix.key_fix_joint(call.q, call.k, src["k"], g, probs, *args).unsqueeze(1)
-    return out
+def _source_reads(chunk: dict, layer: int) -> tuple[tuple[str, ...], bool]:
+    """Linear kinds to clone from the source run at ``layer``, and whether its attention
+    call is needed (source q/k for the QK fix)."""
+    qk = _qk_kinds(chunk, layer)
+    kinds = tuple(k for k in chunk["kinds"] if k not in qk) if layer in chunk["layers"] else ()
+    return kinds, bool(qk)
+
+
+def _base_reads(chunk: dict, layer: int) -> tuple[tuple[str, ...], bool]:
+    """Kinds to read at ``layer`` in the base run (sites, the layer input where the backward
+    chain passes, the head output for the QK fix), and whether the attention call is needed."""
+    qk = _qk_kinds(chunk, layer)
+    kinds = set(chunk["kinds"]) if layer in chunk["layers"] else set()
+    kinds.add("resid")
+    if qk:
+        kinds.add("head")
+    return tuple(sorted(kinds)), bool(qk)
 
 
 def _linear_estimate(
-    adapter: Adapter,
+    adapter: Any,
     kind: str,
-    src_units: torch.Tensor,
+    source_units: torch.Tensor,
     base_raw: torch.Tensor,
-    grad_raw: torch.Tensor,
+    grad_raw: torch.Tensor | None,
     per_position: bool,
 ) -> torch.Tensor:
-    """``(source - base) · grad`` per node: ``[n, positions, units]`` (float32)."""
-    delta = src_units.float() - adapter.units(kind, base_raw).float()
+    """``(source - base) · grad`` per node: ``[n, positions, units]`` float32 (0 without grad)."""
+    base_units = adapter.units(kind, base_raw)
+    if grad_raw is None:
+        n_pos = base_units.shape[1] if per_position else 1
+        return base_units.new_zeros(
+            (base_units.shape[0], n_pos, base_units.shape[2]), dtype=torch.float32
+        )
+    delta = source_units.float() - base_units.float()
     est = (delta * adapter.units(kind, grad_raw).float()).sum(-1)
     return est if per_position else est.sum(1, keepdim=True)
 
 
-def _atp_body(model: Any, chunk: AtpChunk) -> dict[str, torch.Tensor]:
-    """One session: source forward, base forward + backward(s); returns per-pair node values."""
-    adapter, roles = chunk.adapter, chunk.roles
+def _layer_step(
+    chunk: dict,
+    layer: int,
+    boundary: torch.Tensor,
+    streams: dict[int, torch.Tensor | None],
+    sites: dict[str, torch.Tensor],
+    source: dict[str, torch.Tensor],
+    call: dict | None,
+    continue_below: bool,
+) -> tuple[dict[int, dict[str, torch.Tensor]], dict[int, torch.Tensor]]:
+    """Step every stream through ``layer``: estimates per stream and kind, and each stream's
+    gradient at the layer input (when the chain continues below).
+
+    ``boundary``: the tensor the streams' gradients belong to (the next layer's input, the
+    last layer's output, or the metric); ``sites``: the base run's raw tensors of this layer.
+    """
+    adapter = chunk["adapter"]
+    per_position = chunk["per_position"]
+    kinds = chunk["kinds"] if layer in chunk["layers"] else ()
+    qk = _qk_kinds(chunk, layer)
+    wanted = [k for k in kinds if k not in qk]
+    if qk:
+        wanted.append("head")
+    keys = [k for k in dict.fromkeys(wanted) if k != "resid"]
+    if continue_below or "resid" in kinds:
+        keys.append("resid")
+    inputs = [sites[k] for k in keys]
+    estimates, below, grads_z = {}, {}, []
+    ids = list(streams)
+    for i, sid in enumerate(ids):
+        grad_out = streams[sid]
+        if grad_out is not None:
+            grad_out = grad_out.to(boundary.device)
+        grads = torch.autograd.grad(
+            boundary,
+            inputs,
+            grad_outputs=grad_out,
+            retain_graph=i < len(ids) - 1,
+            allow_unused=True,
+        )
+        grad = dict(zip(keys, grads, strict=True))
+        est = {}
+        for kind in kinds:
+            if kind not in qk:
+                est[kind] = _linear_estimate(
+                    adapter, kind, source[kind], sites[kind], grad[kind], per_position
+                )
+        if qk:
+            g = grad["head"]
+            grads_z.append(
+                adapter.units("head", g if g is not None else torch.zeros_like(sites["head"]))
+            )
+        estimates[sid] = est
+        if continue_below:
+            g = grad["resid"]
+            below[sid] = g if g is not None else torch.zeros_like(sites["resid"])
+    if qk:
+        fixed = layer_estimates(
+            call,
+            source.get("q_call"),
+            source.get("k_call"),
+            grads_z,
+            per_position,
+            chunk["qk_bytes"],
+        )
+        for sid, est in zip(ids, fixed, strict=True):
+            estimates[sid].update(est)
+    if chunk["graddrop"] and "resid" in kinds:
+        # dropping this layer's own write leaves resid_pre with the gradient at resid_post
+        g_post = streams[FULL].to(sites["resid"].device)
+        own = _linear_estimate(
+            adapter, "resid", source["resid"], sites["resid"], g_post, per_position
+        )
+        estimates[OWN_DROP] = {"resid": own}
+    return estimates, below
+
+
+def _atp_body(model: Any, chunk: dict) -> dict[str, torch.Tensor]:
+    """One session: source forward, base forward, then the layer-by-layer backward chain.
+
+    Returns CPU tensors: ``metric`` and ``source_metric`` ``[n]``, ``est`` ``[n, nodes]``
+    (AtP / AtP+QK estimates) and, with GradDrop, ``gd`` ``[n, nodes]``, in layout order.
+    """
+    adapter = chunk["adapter"]
+    base_ids, source_ids, clean_target, noise_target = chunk["roles"]
+    layers = chunk["layers"]
     n_layers = adapter.n_layers
-    walk = range(n_layers) if chunk.graddrop else chunk.layers
-    with model.trace(roles.source, use_cache=False):
-        src = {}
-        for layer in chunk.layers:
-            kinds, attention = _reads(chunk, layer, for_base=False)
+    graddrop = chunk["graddrop"]
+    lowest = min(layers)
+    walk = range(lowest, n_layers) if graddrop else layers
+    with model.trace(source_ids, use_cache=False):
+        source = {}
+        for layer in layers:
+            kinds, attention = _source_reads(chunk, layer)
             raws, call = adapter.read_layer(model, layer, kinds, attention=attention)
-            for kind in kinds:
-                src[(kind, layer)] = adapter.units(kind, raws[kind]).detach().clone()
+            saved = {k: adapter.units(k, raws[k]).detach().clone() for k in kinds}
             if attention:
-                src[("q", layer)] = call.q.detach().clone()
-                src[("k", layer)] = call.k.detach().clone()
-    with model.trace(roles.base, use_cache=False):
+                saved["q_call"] = call["q"].detach().clone() if "q" in chunk["kinds"] else None
+                saved["k_call"] = call["k"].detach().clone() if "k" in chunk["kinds"] else None
+            source[layer] = saved
+        logits = model.output.logits
+        source_metric = metric_values(chunk["metric"], logits, clean_target, noise_target)
+        source_metric = source_metric.detach().cpu()
+    with model.trace(base_ids, use_cache=False):
         first = adapter.layer(model, 0).input
         if not first.requires_grad:
             first.requires_grad_(True)  # NDIF loads frozen weights: start the graph here
-        base, calls = {}, {}
+        sites, calls = {}, {}
         for layer in walk:
-            kinds, attention = _reads(chunk, layer, for_base=True)
-            raws, call = adapter.read_layer(model, layer, kinds, attention=attention)
-            base.update({(kind, layer): raw for kind, raw in raws.items()})
-            if attention:
-                calls[layer] = call
-        if chunk.graddrop:
-            base[("resid_post", n_layers - 1)] = adapter.layer(model, n_layers - 1).output
+            kinds, attention = _base_reads(chunk, layer)
+            sites[layer], calls[layer] = adapter.read_layer(model, layer, kinds, attention)
+        top = adapter.layer(model, n_layers - 1).output if graddrop else None
         logits = model.output.logits
-        metric = chunk.metric(logits, roles.clean_target, roles.noise_target).float()
-        keys = list(base)
-        grads = dict(
-            zip(
-                keys,
-                torch.autograd.grad(
-                    metric.sum(),
-                    [base[k] for k in keys],
-                    retain_graph=chunk.graddrop,
-                    allow_unused=True,
-                ),
-                strict=True,
-            )
+        metric = metric_values(chunk["metric"], logits, clean_target, noise_target)
+        out = _backward_chain(chunk, metric, top, walk, sites, calls, source)
+        out["metric"] = metric.detach().cpu()
+        out["source_metric"] = source_metric
+    return out
+
+
+def _backward_chain(
+    chunk: dict,
+    metric: torch.Tensor,
+    top: torch.Tensor | None,
+    walk: Sequence[int],
+    sites: dict,
+    calls: dict,
+    source: dict,
+) -> dict[str, torch.Tensor]:
+    """Walk the layers top-down, stepping every stream through each (see the module doc)."""
+    graddrop = chunk["graddrop"]
+    lowest = walk[0]
+    per_layer: dict[int, dict[str, torch.Tensor]] = {}
+    per_layer_gd: dict[int, dict[str, torch.Tensor]] = {}
+    if graddrop:
+        (g_top,) = torch.autograd.grad(metric.sum(), [top])
+        boundary, streams = top, {FULL: g_top}
+    else:
+        boundary, streams = metric.sum(), {FULL: None}
+    full_above = None  # GradDrop: the full gradient at the output of the layer above
+    for layer in reversed(list(walk)):
+        if graddrop and full_above is not None:
+            streams[layer + 1] = full_above  # drop layer+1: skip path only below it
+        layer_sites = sites.pop(layer)
+        estimates, below = _layer_step(
+            chunk,
+            layer,
+            boundary,
+            streams,
+            layer_sites,
+            source.pop(layer, {}),
+            calls.pop(layer),
+            continue_below=layer > lowest,
         )
-
-        def estimates(grad: dict, layer: int, only: tuple[str, ...] = ()) -> dict:
-            """Node estimates of ``layer`` given gradients at its sites."""
-            kinds = [k for k in (only or chunk.kinds) if (k, layer) in base]
-            out = {}
-            if layer in calls and not only:
-                qk_kinds = [k for k in kinds if k in ("q", "k")]
-                gz = adapter.units("head", grad[("head", layer)])
-                srcs = {k: src[(k, layer)] for k in qk_kinds}
-                out.update(
-                    _qk_estimates(adapter, calls[layer], srcs, gz, qk_kinds, chunk.per_position)
-                )
-            for kind in kinds:
-                if kind not in out:
-                    g = grad[(kind, layer)]
-                    if g is None:
-                        g = torch.zeros_like(base[(kind, layer)])
-                    out[kind] = _linear_estimate(
-                        adapter,
-                        kind,
-                        src[(kind, layer)],
-                        base[(kind, layer)],
-                        g,
-                        chunk.per_position,
-                    )
-            return out
-
-        full = {layer: estimates(grads, layer) for layer in chunk.layers}
-        result = {"metric": metric.detach().cpu(), "est": _flatten(full, chunk)}
-        if chunk.graddrop:
-            result["gd"] = _graddrop(chunk, base, grads, full, estimates)
-        result = {k: v.detach().cpu() for k, v in result.items()}
-    return result
+        if layer in chunk["layers"]:
+            per_layer[layer] = {k: v.detach().cpu() for k, v in estimates[FULL].items()}
+            if graddrop:
+                per_layer_gd[layer] = _graddrop_scores(chunk, layer, estimates)
+        if graddrop:
+            full_above = streams[FULL]
+        boundary = layer_sites.get("resid")
+        streams = below
+        del layer_sites, estimates
+    out = {"est": _flatten(per_layer, chunk)}
+    if graddrop:
+        out["gd"] = _flatten(per_layer_gd, chunk)
+    return out
 
 
-def _graddrop(chunk: AtpChunk, base: dict, grads: dict, full: dict, estimates: Any) -> torch.Tensor:
-    """Per-pair GradDrop scores ``Σ_ℓ |Î_ℓ| / (#terms that can be non-zero)``."""
-    n_layers = chunk.adapter.n_layers
-    total = {layer: {k: v.abs() * 0 for k, v in ests.items()} for layer, ests in full.items()}
-    for drop in range(n_layers):
-        # ∂M/∂resid_post_drop is unchanged by dropping layer `drop`; with the drop it is also
-        # the whole gradient at resid_pre_drop (skip path only).
-        g_post = grads[("resid", drop + 1)] if drop < n_layers - 1 else grads[("resid_post", drop)]
-        below = [key for key in base if key[1] < drop and key[0] != "resid_post"]
-        below = [key for key in below if key[1] in chunk.layers]
-        dropped = {}
-        if below:
-            inner = torch.autograd.grad(
-                base[("resid", drop)],
-                [base[k] for k in below],
-                grad_outputs=g_post,
-                retain_graph=True,
-                allow_unused=True,
-            )
-            dropped = dict(zip(below, inner, strict=True))
-        for layer in chunk.layers:
-            if layer > drop:  # the node's gradient does not pass through layer `drop`
-                terms = full[layer]
-            elif layer < drop:
-                terms = estimates(dropped, layer)
-            elif "resid" in full[layer]:  # resid_pre_drop itself: gradient = g_post
-                terms = {"resid": estimates({("resid", layer): g_post}, layer, ("resid",))["resid"]}
-            else:  # a block node's own-layer term is zero
-                terms = {}
-            for k, v in terms.items():
-                total[layer][k] += v.abs()
-    n_terms = {k: (n_layers if k == "resid" else n_layers - 1) for k in chunk.kinds}
-    scaled = {layer: {k: v / n_terms[k] for k, v in ests.items()} for layer, ests in total.items()}
-    return _flatten(scaled, chunk)
+def _graddrop_scores(chunk: dict, layer: int, estimates: dict) -> dict[str, torch.Tensor]:
+    """Per-pair GradDrop scores of ``layer``'s nodes on the CPU: ``Σ_ℓ |Î_ℓ| / n_terms``.
+
+    Drops below the node leave its gradient unchanged (``layer`` terms equal to the full
+    estimate); each drop above it is one stream; a block node's own-layer term is zero.
+    """
+    n_layers = chunk["adapter"].n_layers
+    out = {}
+    for kind, value in estimates[FULL].items():
+        total = value.abs() * layer
+        for sid, est in estimates.items():
+            if sid != FULL and kind in est:
+                total = total + est[kind].abs()
+        n_terms = n_layers if kind == "resid" else n_layers - 1
+        out[kind] = (total / n_terms).detach().cpu()
+    return out
 
 
-def _flatten(per_layer: dict[int, dict[str, torch.Tensor]], chunk: AtpChunk) -> torch.Tensor:
-    """``[n, nodes]`` in layout order (kind, layer, position, unit)."""
-    parts = [per_layer[layer][kind].flatten(1) for kind in chunk.kinds for layer in chunk.layers]
+def _flatten(per_layer: dict[int, dict[str, torch.Tensor]], chunk: dict) -> torch.Tensor:
+    """``[n, nodes]`` in layout order (kind, layer, position, unit), on the CPU."""
+    parts = [
+        per_layer[layer][kind].flatten(1) for kind in chunk["kinds"] for layer in chunk["layers"]
+    ]
     return torch.cat(parts, dim=1)
 
 
@@ -246,6 +325,7 @@ def attribute(
     direction: str = "noising",
     metric: str | Metric = "logit-diff",
     pairs_per_chunk: int = 16,
+    qk_chunk_bytes: int = QK_CHUNK_BYTES,
     prepend_bos: bool = False,
     remote: Remote = False,
     progress: bool = True,
@@ -254,7 +334,8 @@ def attribute(
     """Estimate every node's patching effect with ``method`` (atp, atp+qk, atp+gd, atp*).
 
     ``pairs_per_chunk`` pairs (of one token length) share each forward/backward and each
-    nnsight session; lower it to reduce memory.
+    nnsight session; lower it to reduce memory. ``qk_chunk_bytes`` bounds the QK fix's
+    attention temporaries (computed in chunks of heads × query rows).
     """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
@@ -269,16 +350,17 @@ def attribute(
     metric_name, metric_fn = resolve_metric(metric)
     groups = tok.chunks(pairs_per_chunk)
     chunks = [
-        AtpChunk(
-            adapter,
-            Roles.of(g, direction),
-            metric_fn,
-            layout.kinds,
-            layout.layers,
-            per_position,
-            qk,
-            graddrop,
-        )
+        {
+            "adapter": adapter,
+            "roles": roles_of(g, direction),
+            "metric": metric_fn,
+            "kinds": layout.kinds,
+            "layers": layout.layers,
+            "per_position": per_position,
+            "qk": qk,
+            "graddrop": graddrop,
+            "qk_bytes": int(qk_chunk_bytes),
+        }
         for g in groups
     ]
     outs = run_chunks(
@@ -294,9 +376,11 @@ def attribute(
     est = np.zeros((n, layout.n_nodes), dtype=np.float32)
     gd = np.zeros_like(est) if graddrop else None
     base_metric = np.zeros(n, dtype=np.float32)
+    source_metric = np.zeros(n, dtype=np.float32)
     for g, out in zip(groups, outs, strict=True):
         est[g.indices] = out["est"].numpy()
         base_metric[g.indices] = out["metric"].numpy()
+        source_metric[g.indices] = out["source_metric"].numpy()
         if gd is not None:
             gd[g.indices] = out["gd"].numpy()
     per_pair = gd if gd is not None else est
@@ -314,6 +398,7 @@ def attribute(
         pairs=[p.__dict__ for p in tok.pairs],
         metadata={
             "base_metric": base_metric.tolist(),
+            "source_metric": source_metric.tolist(),
             "per_position": per_position,
             "seq_len": seq_len,
             "layers": list(layout.layers),

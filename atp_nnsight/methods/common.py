@@ -1,8 +1,11 @@
-"""Plumbing shared by all methods: pair preparation, base/source roles, chunk sizing."""
+"""Plumbing shared by all methods: pair preparation, base/source roles, metric calls.
+
+What runs on the NDIF server (:func:`metric_values`, and the roles tuple) is plain,
+source-backed Python over torch: no dataclasses, no other imports.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -29,22 +32,32 @@ def common_length(tok: TokenizedPairs) -> int:
     return lengths[0]
 
 
-@dataclass(frozen=True)
-class Roles:
-    """Which prompt is run (``base``) and which supplies patched activations (``source``)."""
+def roles_of(group: PairGroup, direction: str) -> tuple[torch.Tensor, ...]:
+    """``(base, source, clean_target, noise_target)`` token tensors of a group of pairs.
 
-    base: torch.Tensor
-    source: torch.Tensor
-    clean_target: torch.Tensor
-    noise_target: torch.Tensor
+    ``base`` is the run that is patched (and differentiated), ``source`` supplies the patched
+    activations: clean/noise for noising, noise/clean for denoising.
+    """
+    check_direction(direction)
+    base, source = (
+        (group.clean, group.noise) if direction == "noising" else (group.noise, group.clean)
+    )
+    return (base, source, group.clean_target, group.noise_target)
 
-    @classmethod
-    def of(cls, group: PairGroup, direction: str) -> Roles:
-        check_direction(direction)
-        base, source = (
-            (group.clean, group.noise) if direction == "noising" else (group.noise, group.clean)
+
+def metric_values(
+    metric: Any, logits: torch.Tensor, clean_target: torch.Tensor, noise_target: torch.Tensor
+) -> torch.Tensor:
+    """``metric(logits, clean_target, noise_target)`` as float32 ``[batch]``, shape-checked."""
+    value = metric(logits, clean_target, noise_target)
+    batch = logits.shape[0]
+    if not isinstance(value, torch.Tensor) or tuple(value.shape) != (batch,):
+        shape = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+        raise ValueError(
+            f"the metric must return one value per prompt, a tensor of shape ({batch},); got "
+            f"{shape}. Reduce over positions/vocabulary but not over the batch"
         )
-        return cls(base, source, group.clean_target, group.noise_target)
+    return value.float()
 
 
 def site_order(kind: str, layer: int) -> tuple[int, int]:

@@ -16,7 +16,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from atp_nnsight.methods.common import Roles, common_length, model_name, prepare_pairs, site_order
+from atp_nnsight.methods.common import (
+    common_length,
+    metric_values,
+    model_name,
+    prepare_pairs,
+    roles_of,
+    site_order,
+)
 from atp_nnsight.metrics import Metric, resolve_metric
 from atp_nnsight.models import Adapter, get_adapter
 from atp_nnsight.nodes import NodeLayout
@@ -102,36 +109,10 @@ class NodeSets:
         return int(self.pos.max()) if len(self.pos) else -1
 
 
-@dataclass(frozen=True)
-class SiteWrite:
-    """Rows of one batch that patch site ``(kind, layer)``, with per-entry indices."""
-
-    kind: str
-    layer: int
-    row: torch.Tensor
-    pos: torch.Tensor
-    unit: torch.Tensor
-    source_pair: torch.Tensor
-
-
-@dataclass(frozen=True)
-class RowBatch:
-    pair: torch.Tensor
-    layers: tuple[tuple[int, tuple[SiteWrite, ...]], ...]
-
-
-@dataclass(frozen=True)
-class PatchChunk:
-    """Everything one session needs: pairs of one length and the row batches to run."""
-
-    adapter: Adapter
-    roles: Roles
-    metric: Metric
-    source_sites: tuple[tuple[int, tuple[str, ...]], ...]
-    batches: tuple[RowBatch, ...]
-
-
-def _row_batch(sets: NodeSets, pairs: np.ndarray, set_ids: np.ndarray, seq_len: int) -> RowBatch:
+def _row_batch(sets: NodeSets, pairs: np.ndarray, set_ids: np.ndarray, seq_len: int) -> dict:
+    """One patched forward: ``pair`` (base pair of each row) and, per layer in forward order,
+    the writes ``{kind, row, pos, unit, source_pair}`` (index tensors, one entry per patched
+    (row, position, unit)). Plain dicts and tuples: this travels to the server."""
     counts = sets.ptr[set_ids + 1] - sets.ptr[set_ids]
     rows = np.repeat(np.arange(len(set_ids)), counts)
     entry = np.concatenate([np.arange(sets.ptr[s], sets.ptr[s + 1]) for s in set_ids])
@@ -143,52 +124,63 @@ def _row_batch(sets: NodeSets, pairs: np.ndarray, set_ids: np.ndarray, seq_len: 
         site = np.concatenate([site[~everywhere], np.repeat(site[everywhere], seq_len)])
         unit = np.concatenate([unit[~everywhere], np.repeat(unit[everywhere], seq_len)])
         pos = np.concatenate([pos[~everywhere], np.tile(np.arange(seq_len), n_all)])
-    by_layer: dict[int, list[SiteWrite]] = {}
+    by_layer: dict[int, list[dict]] = {}
     for s in np.unique(site):
         kind, layer = sets.sites[s]
         m = site == s
         row, p, u, src = (
             torch.from_numpy(np.ascontiguousarray(a[m])) for a in (rows, pos, unit, pairs[rows])
         )
-        by_layer.setdefault(layer, []).append(SiteWrite(kind, layer, row, p, u, src))
-    return RowBatch(
-        pair=torch.from_numpy(pairs),
-        layers=tuple((layer, tuple(ws)) for layer, ws in sorted(by_layer.items())),
-    )
+        write = {"kind": kind, "row": row, "pos": p, "unit": u, "source_pair": src}
+        by_layer.setdefault(layer, []).append(write)
+    return {
+        "pair": torch.from_numpy(pairs),
+        "layers": tuple((layer, tuple(ws)) for layer, ws in sorted(by_layer.items())),
+    }
 
 
-def _patch_body(model: Any, chunk: PatchChunk) -> dict[str, Any]:
-    """One session: base+source forward, then one forward per row batch (runs remotely too)."""
-    adapter, roles = chunk.adapter, chunk.roles
-    n = roles.base.shape[0]
-    with model.trace(torch.cat([roles.base, roles.source]), use_cache=False):
+def _patch_body(model: Any, chunk: dict) -> dict[str, Any]:
+    """One session: base+source forward, then one forward per row batch (runs remotely too).
+
+    Every patch is indexed on the device of the layer it writes to; only the per-row metric
+    change leaves the session, on the CPU.
+    """
+    adapter = chunk["adapter"]
+    base_ids, source_ids, clean_target, noise_target = chunk["roles"]
+    n = base_ids.shape[0]
+    with model.trace(torch.cat([base_ids, source_ids]), use_cache=False):
         source = {}
-        for layer, kinds in chunk.source_sites:
+        for layer, kinds in chunk["source_sites"]:
             raws, _ = adapter.read_layer(model, layer, kinds)
             for kind in kinds:
                 source[(kind, layer)] = adapter.units(kind, raws[kind])[n:].detach().clone()
         logits = model.output.logits
-        base_metric = chunk.metric(logits[:n], roles.clean_target, roles.noise_target).detach()
+        both = metric_values(
+            chunk["metric"], logits, clean_target.repeat(2), noise_target.repeat(2)
+        ).detach()
+        base_metric, source_metric = both[:n], both[n:]
     effects = []
-    for batch in chunk.batches:
-        with model.trace(roles.base[batch.pair], use_cache=False):
-            for layer, writes in batch.layers:
-                by_kind = {w.kind: w for w in writes}
+    for batch in chunk["batches"]:
+        pair = batch["pair"]
+        with model.trace(base_ids[pair], use_cache=False):
+            for layer, writes in batch["layers"]:
+                by_kind = {w["kind"]: w for w in writes}
                 for kind, raw in adapter.iter_layer(model, layer, tuple(by_kind)):
                     w = by_kind[kind]
                     view = adapter.units(kind, raw)
                     dev = view.device
-                    row, pos, unit = w.row.to(dev), w.pos.to(dev), w.unit.to(dev)
-                    patch = source[(kind, layer)][w.source_pair.to(dev), pos, unit]
-                    view[row, pos, unit] = patch.to(view.dtype)
+                    row, pos, unit = w["row"].to(dev), w["pos"].to(dev), w["unit"].to(dev)
+                    stored = source[(kind, layer)]  # same layer: same device as ``view``
+                    patch = stored[w["source_pair"].to(stored.device), pos, unit]
+                    view[row, pos, unit] = patch.to(dev, view.dtype)
             logits = model.output.logits
-            value = chunk.metric(
-                logits, roles.clean_target[batch.pair], roles.noise_target[batch.pair]
-            )
-            effects.append(
-                (value.float() - base_metric[batch.pair.to(value.device)]).detach().cpu()
-            )
-    return {"effects": torch.cat(effects), "base": base_metric.float().cpu()}
+            value = metric_values(chunk["metric"], logits, clean_target[pair], noise_target[pair])
+            effects.append((value - base_metric[pair.to(value.device)]).detach().cpu())
+    return {
+        "effects": torch.cat(effects),
+        "base": base_metric.cpu(),
+        "source": source_metric.cpu(),
+    }
 
 
 def _rows_per_forward(adapter: Adapter, seq_len: int, vocab: int, memory_gb: float) -> int:
@@ -233,7 +225,7 @@ def run_node_sets(
         rows = batch_size or _rows_per_forward(adapter, group.length, vocab, memory_gb)
         n = len(group.indices)
         sets_per_chunk = max(1, rows * FORWARDS_PER_SESSION // n)
-        roles = Roles.of(group, direction)
+        roles = roles_of(group, direction)
         for first in range(0, len(sets), sets_per_chunk):
             set_ids = np.arange(first, min(first + sets_per_chunk, len(sets)))
             pair_of_row = np.tile(np.arange(n), len(set_ids))
@@ -242,7 +234,15 @@ def run_node_sets(
                 _row_batch(sets, pair_of_row[i : i + rows], set_of_row[i : i + rows], group.length)
                 for i in range(0, len(pair_of_row), rows)
             )
-            chunks.append(PatchChunk(adapter, roles, metric, source_sites_t, batches))
+            chunks.append(
+                {
+                    "adapter": adapter,
+                    "roles": roles,
+                    "metric": metric,
+                    "source_sites": source_sites_t,
+                    "batches": batches,
+                }
+            )
             owners.append((group.indices, set_ids))
     outs = run_chunks(
         model,

@@ -67,11 +67,14 @@ def _mask_parts(
     t_q: int,
     t_k: int,
     device: torch.device,
+    q_offset: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``(visible, bias)``: bool visibility and float32 additive bias (or None), broadcastable
-    to ``[B, Hq, t_q, t_k]``."""
+    to ``[B, Hq, t_q, t_k]``. ``q_offset``: position of the first query (default: queries
+    aligned to the last keys); a tensor ``mask`` must already hold just these query rows."""
     if mask is None:
-        q_pos = torch.arange(t_q, device=device) + (t_k - t_q)
+        first = t_k - t_q if q_offset is None else q_offset
+        q_pos = torch.arange(t_q, device=device) + first
         k_pos = torch.arange(t_k, device=device)
         diff = q_pos[:, None] - k_pos[None, :]
         visible = diff >= 0
@@ -130,9 +133,11 @@ def _scores_visible(
     mask: torch.Tensor | None,
     sliding_window: int | None,
     softcap: float | None,
+    q_offset: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     s = _raw_scores(q, k, scaling, softcap)
-    visible, bias = _mask_parts(mask, sliding_window, s.shape[-2], s.shape[-1], s.device)
+    t_q, t_k = s.shape[-2], s.shape[-1]
+    visible, bias = _mask_parts(mask, sliding_window, t_q, t_k, s.device, q_offset)
     if bias is not None:
         s = s + bias
     s = torch.where(visible, s, torch.full((), MASKED, device=s.device))
@@ -240,12 +245,13 @@ def query_fix(
 # --------------------------------------------------------------------------------------------
 # key nodes
 # --------------------------------------------------------------------------------------------
-def _leave_one_out(
-    scores: torch.Tensor, G: torch.Tensor, visible: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per ``(t, s)``: ``log A[t, s]``, ``log L[t, s]`` with ``L = sum_{s' != s} A[t, s']`` (the
-    leave-one-out mass, ``1 - a`` without cancellation) and ``G[t, s] - Ḡ_{-s}[t]`` where
-    ``Ḡ_{-s}`` is the mean of ``G[t, s']`` over ``s' != s`` weighted by ``A[t, s']``.
+def _leave_one_out_weights(scores: torch.Tensor, visible: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The G-independent half of the key fix's leave-one-out algebra, per ``(t, s)``.
+
+    ``log_a = log A[t, s]``; ``log_loo = log L[t, s]`` with ``L = sum_{s' != s} A[t, s']`` (the
+    leave-one-out mass, ``1 - a`` without cancellation); ``w1``/``w2``, ``is_max`` and ``mass``
+    let :func:`_centred` form ``G[t, s] - Ḡ_{-s}[t]`` (``Ḡ_{-s}``: the mean of ``G[t, s']`` over
+    ``s' != s`` weighted by ``A[t, s']``) for any ``G``.
 
     No cancellation and no underflow, even when one key holds almost all of the row: for ``s``
     not the row maximum, the other keys include the maximum, so their mass relative to
@@ -262,19 +268,45 @@ def _leave_one_out(
     m2 = s_ex.max(dim=-1, keepdim=True).values
     w1 = torch.where(visible, torch.exp(scores - m1), zero)
     w2 = torch.where(visible & ~is_max, torch.exp(s_ex - m2), zero)
+    del s_ex
     sum1 = w1.sum(-1, keepdim=True)
-    g_sum1 = (w1 * G).sum(-1, keepdim=True)
-    # unnormalised mass and G-weighted mass of the other keys, relative to exp(ref)
+    # unnormalised mass of the other keys, relative to exp(m2) for the maximum, else exp(m1)
     mass = torch.where(is_max, w2.sum(-1, keepdim=True), sum1 - w1)
-    g_mass = torch.where(is_max, (w2 * G).sum(-1, keepdim=True), g_sum1 - w1 * G)
     ref = torch.where(is_max, m2, m1)
     has_rows = sum1 > 0
     lse = torch.where(has_rows, m1 + torch.log(torch.where(has_rows, sum1, 1.0)), zero)
     log_a = torch.where(visible, scores - lse, masked)
     log_loo = torch.log(mass) + (ref - lse)  # -inf where no other key
+    return {"log_a": log_a, "log_loo": log_loo, "w1": w1, "w2": w2, "is_max": is_max, "mass": mass}
+
+
+def _centred(G: torch.Tensor, weights: dict[str, torch.Tensor]) -> torch.Tensor:
+    """``G[t, s] - Ḡ_{-s}[t]`` (0 where no other key is visible); see
+    :func:`_leave_one_out_weights`."""
+    w1, w2, is_max, mass = weights["w1"], weights["w2"], weights["is_max"], weights["mass"]
+    g_sum1 = (w1 * G).sum(-1, keepdim=True)
+    g_mass = torch.where(is_max, (w2 * G).sum(-1, keepdim=True), g_sum1 - w1 * G)
     has_others = mass > 0
-    centred = torch.where(has_others, G - g_mass / torch.where(has_others, mass, 1.0), zero)
-    return log_a, log_loo, centred
+    zero = torch.zeros((), device=G.device)
+    return torch.where(has_others, G - g_mass / torch.where(has_others, mass, 1.0), zero)
+
+
+def _key_coefficient(
+    scores: torch.Tensor,
+    scores_new: torch.Tensor,
+    visible: torch.Tensor,
+    weights: dict[str, torch.Tensor],
+) -> torch.Tensor:
+    """``Δ(t, s) / (G[t, s] - Ḡ_{-s}[t])`` of :func:`key_fix` (0 where masked), stably."""
+    zero = torch.zeros((), device=scores.device)
+    log_a, log_loo = weights["log_a"], weights["log_loo"]
+    x = torch.where(visible, scores_new - scores, zero)
+    pos = x > 0
+    x_pos = torch.where(pos, x, zero)
+    x_neg = torch.where(pos, zero, x)
+    w_pos = -torch.expm1(-x_pos) * torch.exp(log_loo) * torch.sigmoid(log_a + x_pos - log_loo)
+    w_neg = torch.expm1(x_neg) * torch.exp(log_a) * torch.sigmoid(log_loo - log_a - x_neg)
+    return torch.where(visible, torch.where(pos, w_pos, w_neg), zero)
 
 
 def key_fix(
@@ -305,7 +337,7 @@ def key_fix(
     i.e. logit gaps beyond ~90, where a patch that lowers the dominant key has an O(1) effect):
     write ``G[t, s] - Ḡ_t = L c`` with ``c = G[t, s] - Ḡ_{-s}`` (``Ḡ_{-s}``: the A-weighted mean
     of G over the other keys) and use logs ``log a = S - logsumexp``, ``log L`` (leave-one-out
-    mass, computed without cancellation; see ``_leave_one_out``)::
+    mass, computed without cancellation; see ``_leave_one_out_weights``)::
 
         x > 0:   Δ = c (1 - e^-x) L sigmoid(log a + x - log L)   # spec: a(1-e^-x)(G-Ḡ)/(a+Le^-x)
         x <= 0:  Δ = c (e^x - 1) a sigmoid(log L - log a - x)    # spec: direct form
@@ -323,16 +355,8 @@ def key_fix(
         scores = attention_scores(q_clean, k_clean, scaling, mask, sliding_window, softcap)
     scores = scores.float()
     s_new, visible = _scores_visible(q_clean, k_noise, scaling, mask, sliding_window, softcap)
-    zero = torch.zeros((), device=scores.device)
-    log_a, log_loo, centred = _leave_one_out(scores, G.float(), visible)
-
-    x = torch.where(visible, s_new - scores, zero)
-    pos = x > 0
-    x_pos = torch.where(pos, x, zero)
-    x_neg = torch.where(pos, zero, x)
-    w_pos = -torch.expm1(-x_pos) * torch.exp(log_loo) * torch.sigmoid(log_a + x_pos - log_loo)
-    w_neg = torch.expm1(x_neg) * torch.exp(log_a) * torch.sigmoid(log_loo - log_a - x_neg)
-    delta = torch.where(visible, torch.where(pos, w_pos, w_neg) * centred, zero)
+    weights = _leave_one_out_weights(scores, visible)
+    delta = _key_coefficient(scores, s_new, visible, weights) * _centred(G.float(), weights)
     return _group_sum(delta.sum(-2), k_clean.shape[1])
 
 
@@ -392,3 +416,140 @@ def qk_estimates(
         return {"q": q_est, "k": k_est}
     k_est = key_fix_joint(q_c, k_c, k_n, G, A, scaling, mask, sliding_window, softcap)
     return {"q": q_est.sum(-1), "k": k_est}
+
+
+# --------------------------------------------------------------------------------------------
+# one layer, many gradients, bounded memory (used by the AtP* engine)
+# --------------------------------------------------------------------------------------------
+QK_TEMPORARIES = 16
+"""float32 ``[rows, keys]`` temporaries per (batch row, query head) that the per-position key
+fix holds at once; the chunk size of :func:`layer_estimates` is derived from it."""
+
+QK_CHUNK_BYTES = 2**28
+"""Default memory bound (bytes) of :func:`layer_estimates`' temporaries: 256 MiB."""
+
+
+def _attend(probs: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """``probs @ v`` under grouped-query attention: ``[B, Hq, Tq, Tk] × [B, Hkv, Tk, D]`` →
+    ``[B, Hq, Tq, D]`` (query head ``h`` reads KV head ``h // g``)."""
+    b, n_q, t_q, t_k = probs.shape
+    n_kv = v.shape[1]
+    out = torch.matmul(probs.reshape(b, n_kv, (n_q // n_kv) * t_q, t_k), v)
+    return out.reshape(b, n_q, t_q, v.shape[-1])
+
+
+def _rows_of_mask(mask: torch.Tensor | None, heads: slice, rows: slice) -> torch.Tensor | None:
+    """A tensor mask restricted to query ``rows`` (and ``heads`` if it is per head)."""
+    if mask is None:
+        return None
+    if mask.dim() == 4 and mask.shape[1] > 1:
+        mask = mask[:, heads]
+    return mask[..., rows, :] if mask.shape[-2] > 1 else mask
+
+
+def chunk_sizes(
+    batch: int, n_kv: int, group: int, t_q: int, t_k: int, max_bytes: int
+) -> tuple[int, int]:
+    """``(KV heads per chunk, query rows per chunk)`` keeping the key fix's temporaries
+    (``QK_TEMPORARIES`` float32 ``[batch, heads, rows, t_k]``) under ``max_bytes``."""
+    per_row_head = batch * t_k * 4 * QK_TEMPORARIES
+    row_heads = max(1, max_bytes // per_row_head)
+    kv_chunk = max(1, min(n_kv, row_heads // (group * t_q)))
+    rows = t_q if kv_chunk * group * t_q <= row_heads else max(1, row_heads // group)
+    return kv_chunk, min(rows, t_q)
+
+
+def layer_estimates(
+    call: dict,
+    q_source: torch.Tensor | None,
+    k_source: torch.Tensor | None,
+    grads_z: list[torch.Tensor],
+    per_position: bool,
+    max_bytes: int = QK_CHUNK_BYTES,
+) -> list[dict[str, torch.Tensor]]:
+    """QK-fixed estimates of one layer's query and/or key nodes for several gradients.
+
+    ``call``: the attention call of the base run (dict with ``q``, ``k``, ``v``, ``mask``,
+    ``scaling``, ``sliding_window``, ``softcap``; see ``Adapter.iter_layer``); ``q_source`` /
+    ``k_source``: the source run's post-rotary q (``[B, Hq, T, D]``) / k (``[B, Hkv, T, D]``), or
+    None when that kind is not wanted; ``grads_z``: gradients at the per-head output
+    ``[B, T, Hq, D]`` (one per backward, e.g. GradDrop's). The clean scores are computed once
+    per chunk for all gradients; chunks of KV heads × query rows keep the temporaries under
+    ``max_bytes``. Returns, per gradient, ``{"q": [B, P, Hq], "k": [B, P, Hkv]}`` float32 with
+    ``P = T`` per position, else ``P = 1`` (all-positions nodes: q summed, k joint).
+
+    The query and joint key fixes are linear in ``G = v · ∂M/∂z``, so they reduce to
+    ``Σ_t ∂M/∂z_t · Δz_t`` with ``Δz = (A' - A) v`` computed once; the per-position key fix
+    evaluates :func:`key_fix`'s closed form per gradient from shared weights.
+    """
+    q, k, v = call["q"], call["k"], call["v"]
+    scaling, window, softcap = call["scaling"], call["sliding_window"], call["softcap"]
+    mask = call["mask"]
+    b, n_q, t_q, _ = q.shape
+    n_kv, t_k = k.shape[1], k.shape[2]
+    group = n_q // n_kv
+    zeros = q.new_zeros
+    out = []
+    for _ in grads_z:
+        est = {}
+        if q_source is not None:
+            est["q"] = zeros((b, n_q, t_q), dtype=torch.float32)
+        if k_source is not None:
+            est["k"] = zeros((b, n_kv, t_k if per_position else 1), dtype=torch.float32)
+        out.append(est)
+    kv_chunk, rows = chunk_sizes(b, n_kv, group, t_q, t_k, max_bytes)
+    for h0 in range(0, n_kv, kv_chunk):
+        kv = slice(h0, min(n_kv, h0 + kv_chunk))
+        hq = slice(kv.start * group, kv.stop * group)
+        k_c, v_c = k[:, kv], v[:, kv].float()
+        for r0 in range(0, t_q, rows):
+            r = slice(r0, min(t_q, r0 + rows))
+            offset = r0 + (t_k - t_q)
+            m = _rows_of_mask(mask, hq, r)
+            q_c = q[:, hq, r]
+            scores, visible = _scores_visible(q_c, k_c, scaling, m, window, softcap, offset)
+            probs = _probs_from_scores(scores, visible)
+            gz = [g[:, r, hq].float().transpose(1, 2) for g in grads_z]  # [B, hq, rows, D]
+            if q_source is not None:
+                s_new, _ = _scores_visible(
+                    q_source[:, hq, r], k_c, scaling, m, window, softcap, offset
+                )
+                dz = _attend(_probs_from_scores(s_new, visible) - probs, v_c)
+                del s_new
+                for est, g in zip(out, gz, strict=True):
+                    est["q"][:, hq, r] = (dz * g).sum(-1)
+            if k_source is not None:
+                s_new, _ = _scores_visible(
+                    q_c, k_source[:, kv], scaling, m, window, softcap, offset
+                )
+                if per_position:
+                    weights = _leave_one_out_weights(scores, visible)
+                    coef = _key_coefficient(scores, s_new, visible, weights)
+                    del s_new
+                    for est, g in zip(out, gz, strict=True):
+                        G = _attend_grad(g, v_c)
+                        delta = coef * _centred(G, weights)
+                        est["k"][:, kv] += _group_sum(delta.sum(-2), kv.stop - kv.start)
+                else:
+                    dz = _attend(_probs_from_scores(s_new, visible) - probs, v_c)
+                    del s_new
+                    for est, g in zip(out, gz, strict=True):
+                        per_head = (dz * g).sum((-2, -1))  # [B, hq]
+                        est["k"][:, kv, 0] += _group_sum(per_head, kv.stop - kv.start)
+    for est in out:
+        if "q" in est:
+            q_est = est["q"].transpose(1, 2)  # [B, T, Hq]
+            est["q"] = q_est if per_position else q_est.sum(1, keepdim=True)
+        if "k" in est:
+            est["k"] = est["k"].transpose(1, 2)  # [B, P, Hkv]
+    return out
+
+
+def _attend_grad(grad_z: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """``G[b, h, t, s] = grad_z[b, h, t] · v[b, h // g, s]``: ``[B, Hq, Tq, D]`` and
+    ``[B, Hkv, Tk, D]`` → ``[B, Hq, Tq, Tk]`` (:func:`attention_grad` with ``grad_z``
+    transposed)."""
+    b, n_q, t_q, d = grad_z.shape
+    n_kv = v.shape[1]
+    g = torch.matmul(grad_z.reshape(b, n_kv, (n_q // n_kv) * t_q, d), v.transpose(-1, -2))
+    return g.reshape(b, n_q, t_q, v.shape[2])

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from atp_nnsight.models import gpt2, gpt_neox, llama
-from atp_nnsight.models.adapter import Adapter, AttentionCall
+from atp_nnsight.models.adapter import Adapter, AttentionCallNotFound
 
 FAMILIES = {
     "gpt2": gpt2.make_adapter,
@@ -32,18 +32,36 @@ def adapter_for_config(config: Any) -> Adapter:
     return FAMILIES[model_type](config)
 
 
+def describe_model(module: Any) -> str:
+    """Model class and library versions, for messages about version-dependent code paths."""
+    import nnsight
+    import transformers
+
+    return (
+        f"{type(module).__name__} (transformers {transformers.__version__}, "
+        f"nnsight {nnsight.__version__})"
+    )
+
+
 def get_adapter(model: Any) -> Adapter:
     """The adapter of an nnsight-wrapped transformers model (cached on the wrapper)."""
     cached = getattr(model, "_atp_adapter", None)
     if cached is None:
-        cached = adapter_for_config(model._module.config)
+        module = getattr(model, "_module", None)
+        if module is None or not hasattr(module, "config"):
+            raise TypeError(
+                f"expected an nnsight-wrapped transformers model (from load_model or "
+                f"nnsight.LanguageModel), got {type(model).__name__}"
+            )
+        cached = adapter_for_config(module.config)
+        cached.where = describe_model(module)
         object.__setattr__(model, "_atp_adapter", cached)
     return cached
 
 
 __all__ = [
     "Adapter",
-    "AttentionCall",
+    "AttentionCallNotFound",
     "FAMILIES",
     "UnsupportedArchitectureError",
     "adapter_for_config",

@@ -4,7 +4,10 @@ Quirks: sequential pre-LN blocks under ``transformer.h``; attention is ``attn`` 
 ``c_attn`` (Conv1D) projection, so q, k and v are views of a single output; absolute learned
 position embeddings (no rotary); out projection ``attn.c_proj``; MLP ``mlp.c_fc`` → GELU →
 ``mlp.c_proj``. Multi-head attention only (no GQA). ``scale_attn_by_inverse_layer_idx`` is
-honoured because the softmax scale is read from the attention call itself.
+honoured because the softmax scale is read from the attention call itself. The forward has
+two calls receiving q, k, v (``attention_interface`` and, with ``reorder_and_upcast_attn``,
+``self._upcast_and_reordered_attn``). The latter (eager attention with
+``reorder_and_upcast_attn``) is not supported for q/k/v nodes: its softmax scale is internal.
 """
 
 from __future__ import annotations
@@ -28,4 +31,5 @@ def make_adapter(config: Any) -> Adapter:
         head_dim=config.n_embd // config.n_head,
         d_model=config.n_embd,
         d_mlp=config.n_inner or 4 * config.n_embd,
+        attention_prefer="attention_interface",
     )
