@@ -210,15 +210,22 @@ def test_methods_agree_under_server_numerics(setup: Setup, method: str, per_posi
     )
 
 
-@pytest.mark.parametrize("name", ["subsampling", "blocks", "hierarchical", "brute_force"])
-def test_baselines_agree_under_server_numerics(llama: Setup, name: str):
+@pytest.mark.parametrize(
+    "name, rel_tol", [("subsampling", 0.1), ("blocks", 0.1), ("hierarchical", 0.25)]
+)
+def test_baselines_agree_under_server_numerics(llama: Setup, name: str, rel_tol: float):
+    """The baselines that run the model (brute force does not). Hierarchical chooses which
+    groups to split by thresholds on measured effects, so bf16 noise can change what it
+    expands: scores move by up to 15 % of the top there (measured)."""
+
     def run(remote: Any) -> Any:
-        return getattr(baselines, name)(llama.client, PAIRS, "head", remote=remote, progress=False)
+        method = getattr(baselines, name)
+        return method(llama.client, PAIRS, ["head", "neuron"], remote=remote, progress=False)
 
     backend = llama.backend()
     remote = run(backend)
     assert backend.requests >= 1 and not backend.errors
-    assert_rank_agreement(run(False).scores, remote.scores, min_spearman=0.9)
+    assert_rank_agreement(run(False).scores, remote.scores, min_spearman=0.9, rel_tol=rel_tol)
 
 
 def test_verification_and_diagnostic_under_server_numerics(llama: Setup):
@@ -336,9 +343,11 @@ def test_allowlist_and_builtins_like_the_server(llama: Setup):
 
 
 def test_server_numerics_are_bf16_and_restored(llama: Setup):
+    client = llama.client
+
     def probe() -> Any:
-        with llama.client.trace(torch.tensor([[1, 2, 3]])):
-            dtype = str(llama.client.model.layers[0].self_attn.o_proj.output.dtype)
+        with client.trace(torch.tensor([[1, 2, 3]])):
+            dtype = str(client.model.layers[0].self_attn.o_proj.output.dtype)
         return (str(torch.get_default_dtype()), dtype)
 
     assert _session(llama, llama.backend(), probe) == ("torch.bfloat16", "torch.bfloat16")
