@@ -29,11 +29,13 @@ On a CPU-only machine nothing fails, so this module makes those ops visible:
   :func:`layer_devices` ``[ℓ]``, modules built before the layers (embeddings) on the first
   device, modules after them (final norm, rotary embedding, LM head) on the last, tied weights
   where their first owner is — as accelerate's ``device_map="auto"`` does. Each placed module
-  gets accelerate's own ``AlignDevicesHook`` as ``_hf_hook`` (and the root one with
-  ``io_same_device``), which nnsight 0.8 applies inside its module controller exactly as for a
-  really dispatched model. So, as in production, a module's ``.input`` is what its caller
-  passed (e.g. ``layers[ℓ].input`` is still on layer ``ℓ-1``'s device) and the forward sees
-  the moved tensors.
+  gets accelerate's own ``AlignDevicesHook`` (and the root one with ``io_same_device``), by
+  default as ``_hf_hook``, which nnsight 0.8 applies inside its module controller exactly as
+  for a really dispatched model: as in production, a module's ``.input`` is what its caller
+  passed (``layers[ℓ].input`` is still on layer ``ℓ-1``'s device) and the forward sees the
+  moved tensors. ``align="torch"`` attaches the same hook as torch forward (pre-)hooks, which
+  run before nnsight sees the input (``layers[ℓ].input`` already on layer ``ℓ``'s device):
+  device-safe code must pass under both.
 
 Violations are recorded (op, devices, the innermost frames of this project) and reported by
 :meth:`VirtualDevices.report`; :func:`split_model` raises :class:`DeviceMixingError` on exit.
@@ -67,6 +69,7 @@ Tag = int | None
 """A virtual device index; ``None`` is the real CPU."""
 
 _HERE = str(Path(__file__).resolve())
+_ROOT = str(Path(__file__).resolve().parents[1]) + "/"
 _SKIPPED_PATHS = ("/torch/", "/greenlet/", "/nnsight/", "/accelerate/", "/contextlib.py")
 _ORIGINAL_TENSOR_BACKWARD = getattr(torch.Tensor.backward, "__wrapped__", torch.Tensor.backward)
 _GRAD_SIGNATURE = inspect.signature(torch.autograd.grad)
@@ -361,8 +364,7 @@ class VirtualDevices(TorchFunctionMode):
         a.apply_defaults()
         p = a.arguments
         if p["is_grads_batched"] or isinstance(p["inputs"], dict):
-            out = func(*args, **kwargs)  # not re-run under the mode (see Limits)
-            return out
+            return func(*args, **kwargs)  # not re-run under the mode (see Limits)
         outputs = _as_tuple(p["outputs"])
         inputs = _as_tuple(p["inputs"])
         grads = _tensor_or_tensors_to_tuple(p["grad_outputs"], len(outputs))
@@ -417,10 +419,9 @@ def _name(func: Any) -> str:
 
 def _short(path: str) -> str:
     """A path relative to the repository or to site-packages."""
-    for marker in ("/site-packages/", "/work/main/"):
-        if marker in path:
-            return path.split(marker, 1)[1]
-    return path
+    if path.startswith(_ROOT):
+        return path[len(_ROOT) :]
+    return path.split("/site-packages/", 1)[-1]
 
 
 def _device_argument(kwargs: dict) -> tuple[Tag] | None:
@@ -468,30 +469,41 @@ def placement(root: torch.nn.Module, n_devices: int) -> list[tuple[torch.nn.Modu
     return sorted(units, key=lambda unit: order[id(unit[0])])
 
 
+ALIGNMENTS = ("accelerate", "torch")
+"""How :func:`split_model` moves a placed module's inputs to its device (module docstring)."""
+
+
 @contextmanager
 def split_model(
-    model: Any, n_devices: int = 2, *, align: bool = True, strict: bool = True
+    model: Any, n_devices: int = 2, *, align: str | None = "accelerate", strict: bool = True
 ) -> Iterator[VirtualDevices]:
     """Run ``model`` (nnsight-wrapped or a plain ``nn.Module``) as if split over ``n_devices``.
 
     Yields the :class:`VirtualDevices` mode. On exit the placement is undone; with ``strict``
     a :class:`DeviceMixingError` listing every violation is raised (if the body raised, the
-    report is attached to that exception as a note instead). ``align=False`` leaves out the
-    alignment hooks (then the forward itself mixes devices: a check of the checker).
+    report is attached to that exception as a note instead).
+
+    ``align`` chooses how accelerate's ``AlignDevicesHook`` is attached: ``"accelerate"`` as
+    ``_hf_hook``, which nnsight applies inside its module controller as for a dispatched model
+    (``.input`` is what the caller passed); ``"torch"`` as torch forward (pre-)hooks, which run
+    outside the controller (``.input`` is already on the module's device); ``None`` leaves
+    them out (then the forward itself mixes devices: a check of the checker).
     """
+    if align is not None and align not in ALIGNMENTS:
+        raise ValueError(f"align must be one of {ALIGNMENTS} or None, got {align!r}")
     root = getattr(model, "_module", model)
     mode = VirtualDevices()
-    hooked: list[torch.nn.Module] = []
+    undo: list[Callable[[], None]] = []
     for module, device in placement(root, n_devices):
         tied = [mode.tag(p) for p in module.parameters() if mode.tag(p) is not None]
         device = tied[0] if tied else device
         for tensor in [*module.parameters(), *module.buffers()]:
             if mode.tag(tensor) is None:
                 mode.place(tensor, device)
-        if align:
-            hooked.append(_attach(module, AlignDevicesHook(torch.device("cpu", device))))
-    if align:
-        hooked.append(_attach(root, AlignDevicesHook(io_same_device=True)))
+        if align is not None:
+            undo.append(_attach(module, AlignDevicesHook(torch.device("cpu", device)), align))
+    if align is not None:
+        undo.append(_attach(root, AlignDevicesHook(io_same_device=True), align))
     try:
         with mode:
             yield mode
@@ -500,14 +512,28 @@ def split_model(
             error.add_note(mode.report())
         raise
     finally:
-        for module in hooked:
-            del module._hf_hook
+        for remove in undo:
+            remove()
     if strict:
         mode.assert_clean()
 
 
-def _attach(module: torch.nn.Module, hook: AlignDevicesHook) -> torch.nn.Module:
+def _attach(module: torch.nn.Module, hook: AlignDevicesHook, align: str) -> Callable[[], None]:
+    """Attach ``hook`` to ``module``; returns what removes it."""
     if "_hf_hook" in module.__dict__:
         raise ValueError(f"{type(module).__name__} is already dispatched by accelerate")
-    module._hf_hook = hook
-    return module
+    if align == "accelerate":
+        module._hf_hook = hook
+        return lambda: delattr(module, "_hf_hook")
+    handles = [
+        module.register_forward_pre_hook(
+            lambda m, args, kwargs: hook.pre_forward(m, *args, **kwargs), with_kwargs=True
+        ),
+        module.register_forward_hook(lambda m, args, output: hook.post_forward(m, output)),
+    ]
+
+    def remove() -> None:
+        for handle in handles:
+            handle.remove()
+
+    return remove

@@ -34,6 +34,9 @@ from atp_nnsight.types import Node  # noqa: E402
 
 FAMILIES = ("llama", "gpt2", "gpt_neox")
 SPLITS = (2, 3)
+ALIGNED_SPLITS = [(2, "accelerate"), (3, "accelerate"), (3, "torch")]
+"""``(devices, align)``: how ``.input`` sees moved tensors differs (``split_model``)."""
+ALIGNED_IDS = ["2dev", "3dev", "3dev-torch-hooks"]
 N_LAYERS = 4
 KINDS = ["resid", "q", "k", "v", "head", "attn_out", "neuron", "mlp_out"]
 PER_POSITION_KINDS = ["resid", "k", "head"]  # for exact patching (one forward per node)
@@ -99,15 +102,16 @@ def test_placement_follows_device_map_auto():
     }
 
 
-@pytest.mark.parametrize("n_devices", SPLITS)
+@pytest.mark.parametrize(("n_devices", "align"), ALIGNED_SPLITS, ids=ALIGNED_IDS)
 @pytest.mark.parametrize("family", FAMILIES)
-def test_plain_forward_is_clean_and_placed_as_accelerate_places_it(family, n_devices):
-    """No false positive on the model itself; ``.input`` is what the caller passed (before the
-    alignment hook moves it), as with a model really dispatched by accelerate."""
+def test_plain_forward_is_clean_and_placed_as_accelerate_places_it(family, n_devices, align):
+    """No false positive on the model itself. With accelerate's hook, as for a model really
+    dispatched by accelerate, ``.input`` is what the caller passed (the hook moves it inside
+    nnsight's controller); with torch hooks it is already moved."""
     m = model(family)
     with m.trace(IDS):
         single = m.output.logits.save()
-    with split_model(m, n_devices) as vd:
+    with split_model(m, n_devices, align=align) as vd:
         with m.trace(IDS):
             seen = []
             for block in layers(family):
@@ -116,9 +120,13 @@ def test_plain_forward_is_clean_and_placed_as_accelerate_places_it(family, n_dev
             logits = m.output.logits.save()
     assert vd.clean
     where = layer_devices(N_LAYERS, n_devices)
-    expected = [(f"cpu:{where[max(i - 1, 0)]}", f"cpu:{d}") for i, d in enumerate(where)]
-    assert seen == expected
-    assert vd.tag(logits) == 0  # the root hook returns outputs to the input's device
+    before = [where[max(i - 1, 0)] for i in range(N_LAYERS)] if align == "accelerate" else where
+    assert seen == [(f"cpu:{b}", f"cpu:{d}") for b, d in zip(before, where, strict=True)]
+    # the root hook returns the outputs to the input's device (after nnsight sees them, with
+    # torch hooks: then they are where the LM head is, tied to the embeddings in GPT-2)
+    head = vd.tag(m._module.get_output_embeddings().weight)
+    assert head == (0 if family == "gpt2" else n_devices - 1)
+    assert vd.tag(logits) == (0 if align == "accelerate" else head)
     assert torch.equal(logits, single)
 
 
@@ -188,7 +196,7 @@ def test_backward_block_and_hooks_run_under_the_mode():
 def test_forward_without_alignment_hooks_is_caught():
     """Without accelerate's hooks the model's own forward mixes devices: the mode sees it."""
     with pytest.raises(DeviceMixingError, match=r"transformers/models/llama/modeling_llama"):
-        with split_model(model("llama"), 2, align=False):
+        with split_model(model("llama"), 2, align=None):
             with model("llama").trace(IDS):
                 model("llama").output.logits.save()
 
@@ -266,11 +274,11 @@ def single_attribution(family: str, method: str, per_position: bool):
 
 @pytest.mark.parametrize("per_position", [False, True], ids=["summed", "per_position"])
 @pytest.mark.parametrize("method", list(METHODS))
-@pytest.mark.parametrize("n_devices", SPLITS)
+@pytest.mark.parametrize(("n_devices", "align"), ALIGNED_SPLITS, ids=ALIGNED_IDS)
 @pytest.mark.parametrize("family", FAMILIES)
-def test_attribute(family, n_devices, method, per_position):
+def test_attribute(family, n_devices, align, method, per_position):
     single = single_attribution(family, method, per_position)
-    with split_model(model(family), n_devices):
+    with split_model(model(family), n_devices, align=align):
         split = attribute(
             model(family),
             pairs(family, per_position),
