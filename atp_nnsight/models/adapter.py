@@ -9,13 +9,20 @@ requires reads in execution order), and :meth:`Adapter.units` views a raw tensor
 kind        raw tensor (where it is read)                     units              feature
 ==========  ===============================================  =================  ==========
 resid       decoder layer input                               1                  d_model
-q           query at the attention call (post-rotary)         query heads        head_dim
+q           query at the attention call (post-norm, rotary)   query heads        head_dim
 k, v        key/value at the attention call (post-rotary k)   KV heads           head_dim
 head        output-projection input (per-head outputs)        query heads        head_dim
-attn_out    attention block output                            1                  d_model
+attn_out    the attention's residual write                    1                  d_model
 neuron      down-projection input (MLP activation)            d_mlp              1
-mlp_out     MLP block output                                  1                  d_model
+mlp_out     the MLP's residual write                          1                  d_model
 ==========  ===============================================  =================  ==========
+
+``attn_out`` and ``mlp_out`` are what is actually added to the residual stream: the attention
+(MLP) module's output, or, in families with norms *after* the block (Gemma 2/3's sandwich
+norms, OLMo 2/3's post-norms), that norm's output (``attn_write`` / ``mlp_write``). So a
+layer's output is always its input plus ``attn_out`` plus ``mlp_out``, sequential or parallel.
+Families may refuse node kinds they cannot read as a plain ``[batch, position, ...]`` tensor
+(``unsupported``: mixture-of-experts models refuse ``neuron``), with a message saying why.
 
 q/k/v are read at the *attention call*: the call inside the attention module's ``forward``
 that receives the query, key and value states (transformers 5.x: ``attention_interface(self,
@@ -134,6 +141,11 @@ def find_attention_call(source: Any, prefer: str | None, where: str) -> tuple[st
 class Adapter:
     """Module paths and sizes of one architecture family (see the family modules).
 
+    Paths are attribute paths: ``layers_path`` from the model, ``attn``/``mlp`` from a decoder
+    layer, ``out_proj`` from ``attn``, ``down_proj`` from ``mlp``. ``attn_write`` /
+    ``mlp_write``: the layer's post-norm whose output is the attention's / MLP's residual
+    write (None: the attention module's ``output[0]`` / the MLP's output). ``unsupported``:
+    node kind → why this family refuses it.
     ``attention_call``: the nnsight op name of the attention call found on the client's
     model (re-checked, and re-found if needed, against the model actually traced, e.g. on
     the server); ``attention_prefer`` disambiguates when several calls receive q, k, v.
@@ -156,6 +168,9 @@ class Adapter:
         d_model: int,
         d_mlp: int,
         parallel_residual: bool = False,
+        attn_write: str | None = None,
+        mlp_write: str | None = None,
+        unsupported: dict[str, str] | None = None,
         attention_prefer: str | None = None,
         where: str = "",
     ) -> None:
@@ -172,6 +187,9 @@ class Adapter:
         self.d_model = d_model
         self.d_mlp = d_mlp
         self.parallel_residual = parallel_residual
+        self.attn_write = attn_write
+        self.mlp_write = mlp_write
+        self.unsupported = dict(unsupported or {})
         self.attention_prefer = attention_prefer
         self.where = where or family
         self.attention_call: tuple[str, int] | None = None
@@ -185,8 +203,8 @@ class Adapter:
 
     # ---- sizes ---------------------------------------------------------------------------
     def n_units(self, kind: str) -> int:
-        """Number of nodes of ``kind`` per layer and position."""
-        return {
+        """Number of nodes of ``kind`` per layer and position (raises for refused kinds)."""
+        sizes = {
             "resid": 1,
             "q": self.n_heads,
             "k": self.n_kv_heads,
@@ -195,7 +213,14 @@ class Adapter:
             "attn_out": 1,
             "neuron": self.d_mlp,
             "mlp_out": 1,
-        }[kind]
+        }
+        if kind in self.unsupported:
+            supported = [k for k in sizes if k not in self.unsupported]
+            raise ValueError(
+                f"{self.family}: {kind!r} nodes are not supported ({self.unsupported[kind]}); "
+                f"supported node kinds for this model: {', '.join(supported)}"
+            )
+        return sizes[kind]
 
     @property
     def group_size(self) -> int:
@@ -259,11 +284,17 @@ class Adapter:
         if "head" in kinds:
             yield "head", getattr(attn, self.out_proj).input
         if "attn_out" in kinds:
-            yield "attn_out", attn.output[0]
+            if self.attn_write is None:
+                yield "attn_out", attn.output[0]
+            else:
+                yield "attn_out", getattr(block, self.attn_write).output
         if "neuron" in kinds:
             yield "neuron", getattr(mlp, self.down_proj).input
         if "mlp_out" in kinds:
-            yield "mlp_out", mlp.output
+            if self.mlp_write is None:
+                yield "mlp_out", mlp.output
+            else:
+                yield "mlp_out", getattr(block, self.mlp_write).output
 
     def read_layer(
         self, model: Any, layer: int, kinds: tuple[str, ...], attention: bool = False
