@@ -87,13 +87,15 @@ def test_bad_pairs_file_is_a_clear_error(model_dir, tmp_path, capsys):
 
 @pytest.mark.parametrize("suffix", [".csv", ".npz"])
 def test_out_suffix_names_one_of_the_two_files_written(model_dir, pairs_file, tmp_path, suffix):
-    out = tmp_path / f"res{suffix}"
+    folder = tmp_path / "new" / "folder"  # created when the results are written
     args = ["attribute", "--model", model_dir, "--pairs", pairs_file, "--method", "atp"]
-    assert main(args + ["--layers", "1", "--out", str(out), "--no-progress"]) == 0
-    table = pd.read_csv(tmp_path / "res.csv")
-    full = Attribution.load(tmp_path / "res.npz")
+    assert (
+        main(args + ["--layers", "1", "--out", str(folder / f"res{suffix}"), "--no-progress"]) == 0
+    )
+    table = pd.read_csv(folder / "res.csv")
+    full = Attribution.load(folder / "res.npz")
     np.testing.assert_allclose(table["score"], full.scores, rtol=1e-6)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["res.csv", "res.npz"]
+    assert sorted(p.name for p in folder.iterdir()) == ["res.csv", "res.npz"]
 
 
 def test_failed_npz_write_leaves_the_earlier_outputs(model_dir, pairs_file, tmp_path, monkeypatch):
