@@ -235,6 +235,21 @@ def test_csv_keeps_leading_spaces_and_empty_cells(tmp_path):
     assert load_pairs(path) == [PromptPair("a", "", " c", " d")]
 
 
+def test_files_with_a_byte_order_mark_load(tmp_path):
+    """Excel's "CSV UTF-8" starts with a BOM (and uses CRLF); the header must still match."""
+    csv_path = tmp_path / "excel.csv"
+    pd.DataFrame([p.to_dict() for p in PAIRS]).to_csv(
+        csv_path, index=False, encoding="utf-8-sig", lineterminator="\r\n"
+    )
+    assert csv_path.read_bytes().startswith(b"\xef\xbb\xbfclean,")
+    assert load_pairs(csv_path) == PAIRS
+    jsonl_path = tmp_path / "bom.jsonl"
+    jsonl_path.write_text(
+        "".join(json.dumps(p.to_dict()) + "\n" for p in PAIRS), encoding="utf-8-sig"
+    )
+    assert load_pairs(jsonl_path) == PAIRS
+
+
 # ------------------------------------------------------------------------------------------
 # tokenization
 # ------------------------------------------------------------------------------------------
