@@ -129,6 +129,19 @@ def resolve_api_key(api_key: str | None = None) -> str | None:
     return api_key or _session_api_key or os.environ.get("NDIF_API_KEY") or CONFIG.API.APIKEY
 
 
+def api_key_source(api_key: str | None = None) -> str | None:
+    """Where :func:`resolve_api_key` finds the key (never the key itself), or ``None``."""
+    from nnsight import CONFIG
+
+    sources = (
+        ("the api_key argument", api_key),
+        ("set_api_key()", _session_api_key),
+        ("NDIF_API_KEY", os.environ.get("NDIF_API_KEY")),
+        ("nnsight.CONFIG.API.APIKEY", CONFIG.API.APIKEY),
+    )
+    return next((name for name, value in sources if value), None)
+
+
 def ndif_host() -> str:
     """The NDIF host: ``$NDIF_HOST`` if set now, else ``nnsight.CONFIG.API.HOST``.
 
