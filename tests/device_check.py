@@ -11,7 +11,7 @@ On a CPU-only machine nothing fails, so this module makes those ops visible:
 
   - ``t.device`` reports ``cpu:i``; ``t.to(cpu:i)`` tags the result ``i`` (a copy, or ``t``
     itself when it is already there); ``t.cpu()`` / ``t.to("cpu")`` untag; factory calls with
-    ``device=cpu:i`` tag ``i``.
+    ``device=cpu:i`` tag ``i``; ``t.type_as(u)`` moves to ``u``'s device (as on CUDA).
   - Any other op must get all its tensors from one device, as on CUDA; the output inherits it.
     Exceptions mirror PyTorch: untagged 0-dim CPU tensors mix with anything; indexing takes
     index tensors on the real CPU or on the indexed tensor's device
@@ -40,10 +40,10 @@ On a CPU-only machine nothing fails, so this module makes those ops visible:
 Violations are recorded (op, devices, the innermost frames of this project) and reported by
 :meth:`VirtualDevices.report`; :func:`split_model` raises :class:`DeviceMixingError` on exit.
 
-Limits: only ops that reach Python are seen (custom C++/CUDA kernels or ``torch.compile`` are
-not); tensors created by deserialisation or from numpy are the real CPU; gradients of
-``is_grads_batched`` calls are not re-run under the mode; a module placed on one device is
-assumed to hold all its parameters there.
+Limits: only ops that reach Python in the calling thread are seen (not custom C++/CUDA
+kernels, ``torch.compile`` or other threads); tensors created by deserialisation or from numpy
+are the real CPU; gradients of ``is_grads_batched`` calls are not re-run under the mode; a
+module placed on one device is assumed to hold all its parameters there.
 """
 
 from __future__ import annotations
@@ -117,6 +117,7 @@ class VirtualDevices(TorchFunctionMode):
             torch.Tensor.get_device: self._get_device,
             torch.Tensor.to: self._to,
             torch.Tensor.cpu: self._cpu,
+            torch.Tensor.type_as: self._type_as,
             torch.Tensor.copy_: self._copy,
             torch.Tensor.__getitem__: self._index,
             torch.Tensor.__setitem__: self._setitem,
@@ -267,6 +268,9 @@ class VirtualDevices(TorchFunctionMode):
 
     def _cpu(self, func: Any, args: tuple, kwargs: dict) -> torch.Tensor:
         return self._move(args[0], func(*args, **kwargs), None)
+
+    def _type_as(self, func: Any, args: tuple, kwargs: dict) -> torch.Tensor:
+        return self._move(args[0], func(*args, **kwargs), self.tags.get(args[1]))
 
     def _copy(self, func: Any, args: tuple, kwargs: dict) -> Any:
         return func(*args, **kwargs)  # copies across devices; the destination keeps its tag

@@ -219,6 +219,7 @@ def test_rules_mirror_what_cuda_accepts():
         assert vd.tag(b.cpu()) is None and b.cpu().numpy().shape == (6,)
         assert vd.tag(torch.zeros(2, device=b.device)) == 1 and vd.tag(torch.zeros(2)) is None
         assert vd.tag(torch.zeros_like(b)) == 1 and b.get_device() == 1
+        assert vd.tag(cpu.type_as(b)) == 1 and vd.tag(b.type_as(a)) == 0
         assert vd.clean
         # rejected
         _ = a + b
