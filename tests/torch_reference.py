@@ -215,6 +215,11 @@ ACTIVATIONS = {
 }
 
 
+def _replaced(module: torch.nn.Module) -> bool:
+    """A norm a test replaced by its own module (e.g. ``Identity``): called as it is."""
+    return not type(module).__module__.startswith("transformers.")
+
+
 def _rms(x: torch.Tensor, weight: torch.Tensor, eps: float, gemma: bool) -> torch.Tensor:
     """RMSNorm over the last dim, in float32; Gemma scales by ``1 + weight``."""
     xf = x.float()
@@ -353,6 +358,8 @@ def _written_layer(hf: torch.nn.Module, block: torch.nn.Module, layer: int, fn: 
 
     def norm(name: str, x: torch.Tensor) -> torch.Tensor:
         module = getattr(block, name)
+        if _replaced(module):
+            return module(x)
         if isinstance(module, torch.nn.LayerNorm):
             return F.layer_norm(x, module.normalized_shape, module.weight, module.bias, module.eps)
         return _rms(x, module.weight, eps, spec.gemma)
@@ -432,6 +439,7 @@ def _instrumented(
         return output.detach().requires_grad_(True)
 
     blocks = list(decoder_layers(hf))
+    own_forwards = [block.__dict__.get("forward") for block in blocks]  # e.g. nnsight's
     for layer, block in enumerate(blocks):
         handles.append(block.register_forward_pre_hook(resid_hook(layer), with_kwargs=True))
         if layer == drop_layer:
@@ -461,8 +469,11 @@ def _instrumented(
         _ACTIVE.pop()
         if not written:
             hf.set_attn_implementation(previous)
-        for block in blocks:
-            block.__dict__.pop("forward", None)
+        for block, forward in zip(blocks, own_forwards, strict=True):
+            if forward is None:
+                del block.forward
+            else:
+                block.forward = forward
         for h in handles:
             h.remove()
 

@@ -239,9 +239,11 @@ class Adapter:
 
     def attention_source_op(self, model: Any, layer: int) -> Any:
         """The nnsight source op of ``layer``'s attention call (found once, then checked)."""
-        source = getattr(self.layer(model, layer), self.attn).source
+        attn = getattr(self.layer(model, layer), self.attn)
+        source = attn.source
         if self.attention_call is None or self.attention_call[0] not in source.names:
-            self.attention_call = find_attention_call(source, self.attention_prefer, self.where)
+            where = f"{self.where}, attention module {type(attn._module).__name__}"
+            self.attention_call = find_attention_call(source, self.attention_prefer, where)
         return getattr(source, self.attention_call[0])
 
     # ---- reads inside a trace --------------------------------------------------------------

@@ -247,6 +247,7 @@ def tiny_config(
             image_size=28,
             patch_size=14,
         )
+        common = {}  # vocabulary and special tokens live in the text config, as in checkpoints
         kwargs = dict(
             text_config=text.to_dict(),
             vision_config=vision,
