@@ -133,8 +133,11 @@ def find_attention_call(source: Any, prefer: str | None, where: str) -> tuple[st
     what = "no call" if not candidates else f"several calls ({names})"
     raise AttentionCallNotFound(
         f"{where}: found {what} receiving query, key and value states in the attention "
-        "forward, so q/k/v nodes and the QK fix cannot be read; this model's attention code "
-        "is not supported by this version of atp_nnsight (report it with the versions above)"
+        "forward (looked for one call whose consecutive positional arguments are named like "
+        "query/q, key/k, value/v, as transformers' attention_interface(self, query_states, "
+        "key_states, value_states, attention_mask, scaling=...)), so q/k/v nodes and the QK "
+        "fix cannot be read; this model's attention code is not supported by this version of "
+        "atp_nnsight (report it with the versions above)"
     )
 
 
