@@ -234,8 +234,10 @@ class VirtualDevices(TorchFunctionMode):
         return func(*args, **kwargs) if tag is None else tag
 
     def _move(self, src: torch.Tensor, out: torch.Tensor, target: Tag) -> torch.Tensor:
-        if self.tags.get(src) != target and out is src:
-            out = src.clone()  # another device: a copy, never the tensor itself
+        """``out`` (the real op's result) on ``target``; across devices always a copy."""
+        source = self.tags.get(src)
+        if source != target:
+            out = _Move.apply(out, self, source)
         return self.place(out, target)
 
     def _to(self, func: Any, args: tuple, kwargs: dict) -> Any:
@@ -407,6 +409,20 @@ class VirtualDevices(TorchFunctionMode):
         a.apply_defaults()
         p = a.arguments
         self._backward(p["self"], p["gradient"], p["retain_graph"], p["create_graph"], p["inputs"])
+
+
+class _Move(torch.autograd.Function):
+    """A copy to another virtual device whose gradient is a copy back on the source device, as
+    autograd's backward of a real device move gives (never the same tensor on two devices)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, mode: VirtualDevices, source: Tag) -> torch.Tensor:
+        ctx.mode, ctx.source = mode, source
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        return ctx.mode.place(grad.clone(), ctx.source), None, None
 
 
 def _as_tuple(x: Any) -> tuple:

@@ -251,6 +251,10 @@ def test_plain_backward_grads_and_hooks_are_placed_and_checked():
         (mid.sum() * 3).backward()
         assert seen == [1] and vd.tag(leaf.grad) == 1
         assert vd.tag(torch.autograd.grad((leaf * 2).sum(), leaf)[0]) == 1
+        # a move's gradient is a copy on each device, never one tensor for both
+        moved = leaf.to(torch.device("cpu", 0))
+        g_leaf, g_moved = torch.autograd.grad((moved * 2).sum(), [leaf, moved])
+        assert (vd.tag(g_leaf), vd.tag(g_moved)) == (1, 0) and g_leaf is not g_moved
     assert [(v.op, v.detail) for v in vd.violations.values()] == [
         ("gradient hook", "returned a gradient on cpu for a tensor on cpu:1")
     ]
