@@ -470,9 +470,9 @@ def _instrumented(
         if not written:
             hf.set_attn_implementation(previous)
         for block, forward in zip(blocks, own_forwards, strict=True):
-            if forward is None:
+            if written and forward is None:
                 del block.forward
-            else:
+            elif written:
                 block.forward = forward
         for h in handles:
             h.remove()
