@@ -463,17 +463,26 @@ def layer_devices(n_layers: int, n_devices: int) -> list[int]:
     return [layer * n_devices // n_layers for layer in range(n_layers)]
 
 
-def _decoder_layers(root: torch.nn.Module) -> tuple[str, torch.nn.ModuleList]:
-    lists = [(n, m) for n, m in root.named_modules() if isinstance(m, torch.nn.ModuleList)]
-    if not lists:
+def decoder_layers(root: torch.nn.Module, path: str | None = None) -> str:
+    """Path of the decoder layers: ``path`` if given, else the longest ``ModuleList`` not inside
+    another one (not, e.g., a layer's experts), the last of equally long ones (a multimodal
+    model's language layers come after its vision tower)."""
+    if path is not None:
+        return path
+    lists = [n for n, m in root.named_modules() if isinstance(m, torch.nn.ModuleList)]
+    top = [n for n in lists if not any(n.startswith(f"{other}.") for other in lists)]
+    if not top:
         raise ValueError(f"{type(root).__name__} has no ModuleList of decoder layers")
-    return max(lists, key=lambda item: len(item[1]))
+    return max(reversed(top), key=lambda n: len(root.get_submodule(n)))
 
 
-def placement(root: torch.nn.Module, n_devices: int) -> list[tuple[torch.nn.Module, int]]:
+def placement(
+    root: torch.nn.Module, n_devices: int, layers_path: str | None = None
+) -> list[tuple[torch.nn.Module, int]]:
     """``(module, device)`` units as ``device_map="auto"`` would place them (module docstring),
-    in registration order."""
-    name, layers = _decoder_layers(root)
+    in registration order; ``layers_path`` as in :func:`decoder_layers`."""
+    name = decoder_layers(root, layers_path)
+    layers = root.get_submodule(name)
     devices = layer_devices(len(layers), n_devices)
     units = [(layer, devices[i]) for i, layer in enumerate(layers)]
     parent = root
@@ -495,7 +504,12 @@ ALIGNMENTS = ("accelerate", "torch")
 
 @contextmanager
 def split_model(
-    model: Any, n_devices: int = 2, *, align: str | None = "accelerate", strict: bool = True
+    model: Any,
+    n_devices: int = 2,
+    *,
+    align: str | None = "accelerate",
+    strict: bool = True,
+    layers_path: str | None = None,
 ) -> Iterator[VirtualDevices]:
     """Run ``model`` (nnsight-wrapped or a plain ``nn.Module``) as if split over ``n_devices``.
 
@@ -508,13 +522,14 @@ def split_model(
     (``.input`` is what the caller passed); ``"torch"`` as torch forward (pre-)hooks, which run
     outside the controller (``.input`` is already on the module's device); ``None`` leaves
     them out (then the forward itself mixes devices: a check of the checker).
+    ``layers_path`` names the decoder layers' ``ModuleList`` (default: :func:`decoder_layers`).
     """
     if align is not None and align not in ALIGNMENTS:
         raise ValueError(f"align must be one of {ALIGNMENTS} or None, got {align!r}")
     root = getattr(model, "_module", model)
     mode = VirtualDevices()
     undo: list[Callable[[], None]] = []
-    for module, device in placement(root, n_devices):
+    for module, device in placement(root, n_devices, layers_path):
         tied = [mode.tag(p) for p in module.parameters() if mode.tag(p) is not None]
         device = tied[0] if tied else device
         for tensor in [*module.parameters(), *module.buffers()]:
