@@ -127,7 +127,8 @@ class Written:
     of the projection, before the split); ``rotary``: ``half`` (rotate-half on the first
     ``cos.shape[-1]`` dims) or ``interleaved`` (GPT-J: pairs of adjacent dims); ``mlp``:
     ``gated``, ``gate_up`` (fused), ``fc`` (GPT-J) or ``moe``; ``gemma``: RMSNorm scales by
-    ``1 + weight`` and the softmax scale is ``query_pre_attn_scalar ** -0.5``.
+    ``1 + weight`` and the softmax scale is ``query_pre_attn_scalar ** -0.5``; ``softcap``:
+    attention logits are ``cap · tanh(logits / cap)`` with ``config.attn_logit_softcapping``.
     """
 
     layers: str
@@ -136,10 +137,11 @@ class Written:
     qk_norm: str | None = None
     rotary: str = "half"
     gemma: bool = False
+    softcap: bool = False
 
 
 WRITTEN = {
-    "gemma2": Written("model.layers", "sandwich", "gated", gemma=True),
+    "gemma2": Written("model.layers", "sandwich", "gated", gemma=True, softcap=True),
     "gemma3_text": Written("model.layers", "sandwich", "gated", "head", gemma=True),
     "gemma3": Written("model.language_model.layers", "sandwich", "gated", "head", gemma=True),
     "qwen3": Written("model.layers", "pre", "gated", "head"),
@@ -258,14 +260,14 @@ def _window(config: Any, layer: int) -> int | None:
 
 
 def _attention(block, config, spec: Written, layer: int, x, position_embeddings, fn: SiteFn):
-    """Self-attention of one written-out layer: ``(output before any post-norm)``."""
+    """The attention output of one written-out layer (before any post-norm)."""
     attn = block.attn if spec.block == "parallel" else block.self_attn
     b, t, _ = x.shape
     if spec.block == "parallel":
         n_heads, n_kv = config.n_head, config.n_head
     else:
         n_heads, n_kv = config.num_attention_heads, config.num_key_value_heads
-    d = attn.head_dim if hasattr(attn, "head_dim") else x.shape[-1] // n_heads
+    d = attn.head_dim
     if hasattr(attn, "qkv_proj"):  # fused: queries, keys, values along the output
         q, k, v = _linear(attn.qkv_proj, x).split([n_heads * d, n_kv * d, n_kv * d], dim=-1)
     else:
@@ -291,9 +293,9 @@ def _attention(block, config, spec: Written, layer: int, x, position_embeddings,
     scale = config.query_pre_attn_scalar**-0.5 if spec.gemma else d**-0.5
     group = n_heads // n_kv
     scores = scale * (q.float() @ k.float().repeat_interleave(group, dim=1).transpose(-1, -2))
-    softcap = getattr(config, "attn_logit_softcapping", None) if spec.gemma else None
-    if softcap is not None and config.model_type == "gemma2":
-        scores = softcap * torch.tanh(scores / softcap)
+    if spec.softcap:
+        cap = config.attn_logit_softcapping
+        scores = cap * torch.tanh(scores / cap)
     pos = torch.arange(t)
     visible = pos[:, None] >= pos[None, :]
     window = _window(config, layer)
@@ -368,8 +370,8 @@ def _written_layer(hf: torch.nn.Module, block: torch.nn.Module, layer: int, fn: 
         x = hidden_states
         if spec.block == "parallel":
             h = norm("ln_1", x)
-            a = _apply(fn, "attn_out", layer, _attention(block, config, spec, layer, h,
-                                                         position_embeddings, fn))  # fmt: skip
+            a = _attention(block, config, spec, layer, h, position_embeddings, fn)
+            a = _apply(fn, "attn_out", layer, a)
             m = _apply(fn, "mlp_out", layer, _mlp(block, config, spec, layer, h, fn))
             return x + a + m
         attn_in = x if spec.block == "post" else norm("input_layernorm", x)
