@@ -1,0 +1,210 @@
+"""Per-layer pieces of the edge methods that run inside nnsight traces (locally or on NDIF).
+
+Plain, source-backed torch code: no dataclasses, no imports beyond torch and functions of this
+package, no parameter reads (modules are called instead: the output projection for per-head
+writes, the input norms on shifted residual copies). Shapes: ``B`` rows, ``T`` positions, ``d``
+the residual width; q/k/v as the attention call receives them, ``[B, heads, T, D]``.
+
+* :func:`iter_sites` reads one layer's sites in forward order (the graph's ``info`` dict says
+  which norms sit in front of the attention and the MLP).
+* :func:`head_writes` turns a change of the per-head outputs ``Δz`` into each head's change of
+  its residual write, ``W_O[:, h] Δz_h``, by calling the output projection once on ``H``
+  masked copies stacked along a new axis (the bias cancels).
+* :func:`copy_grads` gives every attention input's *own* gradient at the residual copy it reads
+  (before the norm), from the gradients at the attention call: per-head-masked gradients
+  stacked on a leading axis and pushed back with one batched VJP per kind
+  (``is_grads_batched``), then one batched VJP through the norm.
+* :func:`shifted_call` gives the exact q/k/v the attention call would receive if each of ``P``
+  residual copies were shifted: the input norm is called on the shifted copies, and the
+  affine map from the norm's output to the call (projections, head split, rotary) is applied
+  with a Jacobian-vector product through the recorded graph, exact because that map is
+  affine; query/key norms (Qwen3, OLMoE) are called as modules in between.
+* :func:`contract` reduces upstream writes against downstream gradients to per-pair edge
+  values on each write's own device and moves only those to the CPU.
+"""
+
+from __future__ import annotations
+
+import torch
+
+KINDS = ("q", "k", "v")
+
+
+def iter_sites(model, adapter, info, layer, last):
+    """Yield ``(name, value, handle)`` for ``layer``'s sites in forward order (inside a trace).
+
+    Names: ``resid`` (layer input, the attention's residual copy; handle: the layer),
+    ``attn_in`` (attention input = the attention norm's output; handle: the attention module),
+    ``q_norm``/``k_norm`` (``(input, output)`` of the query/key norm, families with one),
+    ``call`` (the attention call dict of ``Adapter.iter_layer``; handle: its source op),
+    ``z`` (per-head outputs, the output projection's input), ``attn_out`` (the attention's
+    residual write), ``mlp_copy`` (the MLP norm's
+    input: the MLP's residual copy), ``mlp_in`` (the MLP input; handle: the MLP module),
+    ``mlp_out`` (the MLP's residual write) and, for the ``last`` layer, ``out`` (its output).
+    The model advances only when the next item is requested, so a consumer may replace a
+    site (through its handle) before the forward moves on.
+    """
+    block = adapter.layer(model, layer)
+    attn = getattr(block, adapter.attn)
+    mlp = getattr(block, adapter.mlp)
+    op = adapter.attention_source_op(model, layer)  # instrument before the attention runs
+    kinds = ("resid", "head", "attn_out", "mlp_out")
+    items = adapter.iter_layer(model, layer, kinds, attention=True)
+    _, resid = next(items)
+    yield "resid", resid, block
+    yield "attn_in", attn.input, attn
+    if info["qk_norms"] is not None:
+        for name, norm_name in zip(("q_norm", "k_norm"), info["qk_norms"], strict=True):
+            norm = getattr(attn, norm_name)
+            yield name, (norm.input, norm.output), norm
+    _, call = next(items)
+    yield "call", call, op
+    _, z = next(items)
+    yield "z", z, attn
+    _, attn_out = next(items)
+    yield "attn_out", attn_out, attn
+    if info["shared_norm"]:
+        mlp_copy = resid
+    else:
+        mlp_copy = getattr(block, info["mlp_norm"]).input
+    yield "mlp_copy", mlp_copy, None
+    yield "mlp_in", mlp.input, mlp
+    _, write = next(items)
+    yield "mlp_out", write, mlp
+    if last:
+        yield "out", block.output, block
+
+
+def cut_call(op, first, call):
+    """Feed the attention call detached copies of its q, k, v that require grad (returned as
+    ``{kind: leaf}``): the forward is unchanged, but the graph of everything after the call
+    starts at these leaves, so a backward to them never runs into the projections (whose
+    graph ends at the call's original q, k, v, kept for the per-head VJPs)."""
+    args, kwargs = op.inputs
+    args = list(args)
+    leaves = {}
+    for i, kind in enumerate(KINDS):
+        leaf = call[kind].detach().requires_grad_(True)
+        args[first + i] = leaf
+        leaves[kind] = leaf
+    op.inputs = (tuple(args), kwargs)
+    return leaves
+
+
+def head_writes(out_proj, delta_z, n_heads):
+    """Each head's change of its residual write: ``[B, T, H, d]`` for ``Δz`` ``[B, T, H*D]``.
+
+    ``out_proj(mask_h ⊙ Δz) - out_proj(0)`` for every head ``h`` in one call of the output
+    projection module on ``[B, T, H, H*D]`` (the bias, if any, cancels). No gradient.
+    """
+    b, t, width = delta_z.shape
+    eye = torch.eye(n_heads, device=delta_z.device, dtype=delta_z.dtype)
+    masked = delta_z.reshape(b, t, 1, n_heads, width // n_heads) * eye.reshape(
+        1, 1, n_heads, n_heads, 1
+    )
+    with torch.no_grad():
+        out = out_proj(masked.reshape(b, t, n_heads, width))
+        return out - out_proj(delta_z.new_zeros(1, width))
+
+
+def _per_unit(grad, n_units):
+    """``[n, B, n, T, D]``: ``grad`` ``[B, n, T, D]``, all but unit ``i`` zeroed in entry ``i``."""
+    eye = torch.eye(n_units, device=grad.device, dtype=grad.dtype)
+    return grad.unsqueeze(0) * eye.reshape(n_units, 1, n_units, 1, 1)
+
+
+def copy_grads(sites, grads, release):
+    """Own gradients of every attention input at its residual copy: ``[N, B, T, d]``.
+
+    ``grads``: gradients at the call's q, k, v (``[B, heads, T, D]``, None for no gradient).
+    Order: q per query head, k per KV head, v per KV head. ``release``: the last use of this
+    layer's graph (its buffers are freed).
+    """
+    call, attn_in = sites["call"], sites["attn_in"]
+    parts = []
+    for i, kind in enumerate(KINDS):
+        tensor = call[kind]
+        grad = grads[i] if grads[i] is not None else torch.zeros_like(tensor)
+        (g,) = torch.autograd.grad(
+            tensor,
+            attn_in,
+            grad_outputs=_per_unit(grad, tensor.shape[1]),
+            is_grads_batched=True,
+            retain_graph=not (release and kind == "v"),
+        )
+        parts.append(g)
+    (out,) = torch.autograd.grad(
+        attn_in,
+        sites["resid"],
+        grad_outputs=torch.cat(parts),
+        is_grads_batched=True,
+        retain_graph=not release,
+    )
+    return out
+
+
+def vjp(outputs, inputs, grad, release):
+    """``torch.autograd.grad`` of one output (None gradients for unused inputs); ``grad=None``
+    (nothing flows in) gives None for every input without a backward."""
+    if grad is None:
+        return [None] * len(inputs)
+    return torch.autograd.grad(
+        outputs, inputs, grad_outputs=grad, retain_graph=not release, allow_unused=True
+    )
+
+
+def _jvp(outputs, inputs, tangents):
+    """``J t`` for each tangent ``t`` of ``tangents`` ``[P, *inputs.shape]`` (``[P,
+    *outputs.shape]``), ``J = d outputs / d inputs`` through the recorded graph (a VJP of a
+    VJP)."""
+    dummy = torch.zeros_like(outputs, requires_grad=True)
+    (vjp,) = torch.autograd.grad(outputs, inputs, grad_outputs=dummy, create_graph=True)
+    (out,) = torch.autograd.grad(vjp, dummy, grad_outputs=tangents, is_grads_batched=True)
+    return out
+
+
+def shifted_call(sites, shifts, kinds):
+    """Exact change of the call's inputs ``kinds`` (of q, k, v) when the attention's residual
+    copy moves by each of ``shifts`` ``[P, B, T, d]``: one ``[P, B, heads, T, D]`` per kind.
+
+    ``sites["attn_norm"]`` is the attention's input norm module. The map from the norm's output
+    to the call is affine in every supported family except through query/key norms, so it is
+    applied as a Jacobian-vector product; query/key norms are called as modules in between.
+    """
+    resid, attn_in, call = sites["resid"], sites["attn_in"], sites["call"]
+    p = shifts.shape[0]
+    with torch.no_grad():
+        moved = resid.detach().unsqueeze(0) + shifts.to(resid.device, resid.dtype)
+        shifted = sites["attn_norm"](moved.flatten(0, 1))
+        delta_in = shifted.unflatten(0, (p, -1)) - attn_in.detach().unsqueeze(0)
+    out = []
+    for kind in kinds:
+        norm = sites.get(kind + "_norm")
+        if norm is None:
+            out.append(_jvp(call[kind], attn_in, delta_in))
+            continue
+        norm_in, norm_out = norm
+        delta_pre = _jvp(norm_in, attn_in, delta_in)
+        with torch.no_grad():
+            pre = norm_in.detach().unsqueeze(0) + delta_pre
+            post = sites[kind + "_norm_module"](pre.flatten(0, 1)).unflatten(0, (p, -1))
+        out.append(_jvp(call[kind], norm_out, post - norm_out.detach().unsqueeze(0)))
+    return tuple(out)
+
+
+def contract(blocks, grads, device_cache):
+    """Per-pair edge values ``[B, U, N]`` on the CPU: ``Σ_{t,d} write[b,t,u,d] · grad[n,b,t,d]``
+    for the upstream writes ``blocks`` (each ``[B, T, U_i, d]``, on its own device, concatenated
+    along ``U``) and downstream gradients ``grads`` ``[N, B, T, d]``.
+
+    Each block is reduced on its own device (``grads`` moved there once per device, float32,
+    kept in ``device_cache``); only the reduced values move to the CPU.
+    """
+    out = []
+    for block in blocks:
+        g = device_cache.get(block.device)
+        if g is None:
+            g = grads.to(block.device).float()
+            device_cache[block.device] = g
+        out.append(torch.einsum("btud,nbtd->bun", block.float(), g).to("cpu"))
+    return torch.cat(out, dim=1)
