@@ -30,6 +30,7 @@ import numpy as np
 import pandas as pd
 
 from atp_nnsight import interactive, plots
+from atp_nnsight.evaluation.diagnostic import THETA_FRACTION
 from atp_nnsight.results import Attribution
 from atp_nnsight.types import NODE_KINDS
 
@@ -49,7 +50,7 @@ INTERACTIVE_COLUMNS = 256
 TOP_UNITS = 12
 """Units (heads, neurons, ...) in the per-position view."""
 
-MATTERS_FRACTION = 0.1
+MATTERS_FRACTION = THETA_FRACTION
 """A verified node "matters" when its exact ``|effect|`` is at least this fraction of the
 largest verified one (the false-negative diagnostic's default ``θ``)."""
 
@@ -290,15 +291,18 @@ def _exact_values(r: Attribution, exact: Attribution | None) -> tuple[np.ndarray
     ``exact`` matched by node when it shares nodes with ``r``; otherwise ``r``'s own verified
     nodes (``metadata["verified"]``).
     """
-    for source in (exact, None) if exact is not None else (None,):
-        try:
-            idx, eff, kind = plots._exact_effects(r, source)
+    try:
+        idx, eff, source = plots._exact_effects(r, exact)
+    except ValueError:
+        if exact is None:
+            return None
+        try:  # exact shares no nodes with r: fall back to r's own verified nodes
+            idx, eff, source = plots._exact_effects(r, None)
         except ValueError:
-            continue
-        out = np.full(len(r), np.nan)
-        out[idx] = eff
-        return out, kind
-    return None
+            return None
+    out = np.full(len(r), np.nan)
+    out[idx] = eff
+    return out, source
 
 
 def _signed_estimate(r: Attribution) -> np.ndarray | None:
@@ -318,13 +322,10 @@ class _Column:
     numeric: bool
 
 
-def _ranked_rows(r: Attribution, top_k: int) -> np.ndarray:
-    """The top ``top_k`` nodes and every verified node, best rank first."""
-    order = r.ranking()
+def _ranked_rows(r: Attribution, top_k: int, rank: np.ndarray) -> np.ndarray:
+    """The top ``top_k`` nodes and every verified node, best ``rank`` first."""
     verified = plots._verified(r.metadata["verified"], len(r))[0] if _verified(r) else []
-    rank = np.empty(len(r), dtype=np.int64)
-    rank[order] = np.arange(len(r))
-    rows = np.union1d(order[:top_k], np.asarray(verified, dtype=np.int64))
+    rows = np.union1d(r.ranking()[:top_k], np.asarray(verified, dtype=np.int64))
     return rows[np.argsort(rank[rows])]
 
 
@@ -403,8 +404,9 @@ def depth_table(r: Attribution) -> pd.DataFrame:
     """Per verified kind: how far down the ranking verification went.
 
     Columns: ``kind``, ``nodes`` (of that kind), ``verified``, ``deepest rank`` (within the
-    kind), ``deepest overall rank``, ``score at that rank`` as a fraction of the kind's top
-    score, ``largest |exact|`` and ``|exact| of the last verified`` node.
+    kind), ``deepest overall rank``, ``score there / top score`` (the score at the deepest
+    verified rank as a fraction of the kind's top score), ``largest |exact|`` and ``|exact| of
+    the last verified`` node (the deepest one).
     """
     idx, effect = plots._verified(r.metadata["verified"], len(r))
     kinds = r.nodes["kind"].to_numpy(dtype=str)
@@ -1087,8 +1089,8 @@ def _render(
         "node.</p>"
     )
     for name, r in results.items():
-        rows = _ranked_rows(r, top_k)
         info = infos[name]
+        rows = _ranked_rows(r, top_k, info.rank)
         parts.append(
             f"<h3>{_esc(name)} — {len(rows)} of {len(r)} nodes "
             f"({_esc(plots.method_label(r.method))})</h3>"
