@@ -69,6 +69,7 @@ REFUSED_WHY = (
 UPSTREAM_KINDS = ("input", "head", "mlp")
 DOWNSTREAM_KINDS = ("q", "k", "v", "mlp", "logits")
 EDGE_COLUMNS = [
+    "edge",
     "upstream",
     "downstream",
     "input",
@@ -78,9 +79,10 @@ EDGE_COLUMNS = [
     "downstream_layer",
     "downstream_index",
 ]
-"""Columns of the edge table. ``input`` is the downstream input kind (q, k, v, mlp, logits);
-``upstream_layer`` is -1 for ``input``, ``downstream_layer`` is the number of layers for the
-logits; indices are the head (q, head), the KV head (k, v) or 0."""
+"""Columns of the edge table. ``edge`` is the flat edge index; ``input`` is the downstream
+input kind (q, k, v, mlp, logits); ``upstream_layer`` is -1 for ``input``,
+``downstream_layer`` is the number of layers for the logits; indices are the head (q, head),
+the KV head (k, v) or 0."""
 
 
 class UnsupportedEdgesError(ValueError):
@@ -228,11 +230,10 @@ class EdgeGraph:
         """One row per edge, in flat edge order (see :data:`EDGE_COLUMNS`)."""
         up = self.upstream_table()
         down = self.downstream_table()
-        counts = down["n_upstream"].to_numpy()
-        up_idx = np.concatenate([np.arange(n) for n in counts])
-        down_idx = np.repeat(np.arange(len(down)), counts)
+        up_idx, down_idx = self.edge_ends()
         return pd.DataFrame(
             {
+                "edge": np.arange(len(up_idx)),
                 "upstream": up["name"].to_numpy()[up_idx],
                 "downstream": down["name"].to_numpy()[down_idx],
                 "input": down["input"].to_numpy()[down_idx],
@@ -243,6 +244,14 @@ class EdgeGraph:
                 "downstream_index": down["index"].to_numpy()[down_idx],
             }
         )
+
+    def edge_ends(self) -> tuple[np.ndarray, np.ndarray]:
+        """Per edge, the index of its upstream node and of its downstream input (in the order
+        of :meth:`upstream_table` / :meth:`downstream_table`)."""
+        counts = self.downstream_table()["n_upstream"].to_numpy()
+        up_idx = np.concatenate([np.arange(n) for n in counts])
+        down_idx = np.repeat(np.arange(len(counts)), counts)
+        return up_idx, down_idx
 
     def chunk_info(self) -> dict:
         """What the shipped bodies need to know about the graph: plain values only."""

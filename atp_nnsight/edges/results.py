@@ -24,7 +24,7 @@ from atp_nnsight.edges.graph import DOWNSTREAM_KINDS, EDGE_COLUMNS
 from atp_nnsight.results import _json_default, atomic_paths
 
 _SAVED_KEYS = ("scores", "per_pair", "meta", *EDGE_COLUMNS)
-_INT_COLUMNS = ("upstream_layer", "upstream_index", "downstream_layer", "downstream_index")
+_INT_COLUMNS = ("edge", "upstream_layer", "upstream_index", "downstream_layer", "downstream_index")
 
 
 @dataclass
