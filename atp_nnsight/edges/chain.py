@@ -45,6 +45,8 @@ def collect_layer(model, chunk, layer, on_input=None):
     for name, value, handle in iter_sites(model, adapter, info, layer, last):
         if name == "resid" and on_input is not None:
             value = on_input(value, handle)
+        if name == "mlp_copy" and info["shared_norm"]:
+            value = sites["resid"]  # the layer input, as replaced by on_input
         sites[name] = value
         if name in ("q_norm", "k_norm"):
             sites[name + "_module"] = handle
