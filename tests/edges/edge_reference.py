@@ -110,8 +110,8 @@ def _mlp(block, config, layer: int, x: torch.Tensor) -> torch.Tensor:
     return ref._mlp(block, config, SPECS[family], layer, x, lambda *a: None)
 
 
-def _attend(config, layer: int, q, k, v) -> torch.Tensor:
-    """Causal (sliding-window) softmax attention with GQA: per-head outputs ``[B, T, H*D]``."""
+def attention_probs(config, layer: int, q, k) -> torch.Tensor:
+    """Causal (sliding-window) softmax probabilities with GQA: ``[B, H, T, T]``."""
     n_q, n_kv, d = _sizes(config)
     group = n_q // n_kv
     t = q.shape[2]
@@ -121,13 +121,12 @@ def _attend(config, layer: int, q, k, v) -> torch.Tensor:
     window = ref._window(config, layer)
     if window is not None:
         visible &= pos[:, None] - pos[None, :] < window
-    probs = torch.softmax(scores.masked_fill(~visible, float("-inf")), dim=-1)
-    z = probs @ v.repeat_interleave(group, 1)
-    return z.transpose(1, 2).reshape(q.shape[0], t, n_q * d)
+    return torch.softmax(scores.masked_fill(~visible, float("-inf")), dim=-1)
 
 
-def _split_layer(hf, block, layer: int, eps: dict, record: dict, on_input):
-    """A decoder layer forward with one residual copy per downstream input (module doc)."""
+def _split_layer(hf, block, layer: int, eps: dict, record: dict, on_input, drop: bool):
+    """A decoder layer forward with one residual copy per downstream input (module doc);
+    ``drop``: no gradient through the layer's residual write (GradDrop)."""
     config = hf.config.get_text_config()
     family = config.model_type
     n_q, n_kv, d_head = _sizes(config)
@@ -141,6 +140,7 @@ def _split_layer(hf, block, layer: int, eps: dict, record: dict, on_input):
             x = on_input(x)
             record["input"] = x
         record[("resid", layer)] = x
+        record[("pe", layer)] = position_embeddings
 
         def projected(kind: str, unit: int) -> torch.Tensor:
             copy = x + eps[(kind, layer, unit)]
@@ -152,7 +152,11 @@ def _split_layer(hf, block, layer: int, eps: dict, record: dict, on_input):
         q = torch.stack([projected("q", h) for h in range(n_q)], dim=1)
         k = torch.stack([projected("k", g) for g in range(n_kv)], dim=1)
         v = torch.stack([projected("v", g) for g in range(n_kv)], dim=1)
-        z = _attend(config, layer, q, k, v)
+        record[("qkv", layer)] = (q, k, v)
+        probs = attention_probs(config, layer, q, k)
+        record[("probs", layer)] = probs
+        z = probs @ v.repeat_interleave(n_q // n_kv, 1)
+        z = z.transpose(1, 2).reshape(x.shape[0], x.shape[1], n_q * d_head)
         attn_out = 0.0 if b_out is None else b_out
         for h in range(n_q):
             sl = slice(h * d_head, (h + 1) * d_head)
@@ -163,7 +167,8 @@ def _split_layer(hf, block, layer: int, eps: dict, record: dict, on_input):
         record[("mlp_copy", layer)] = mid
         m = _mlp(block, config, layer, getattr(block, mlp_norm)(mid + eps[("mlp", layer, 0)]))
         record[("mlp", layer)] = m
-        out = x + attn_out + m
+        write = attn_out + m
+        out = x + (write.detach() if drop else write)
         if last:
             record["final"] = out
             out = out + eps["logits"]
@@ -172,13 +177,15 @@ def _split_layer(hf, block, layer: int, eps: dict, record: dict, on_input):
     return forward
 
 
-def run(hf, ids: torch.Tensor, eps: dict, on_input=lambda x: x) -> tuple[torch.Tensor, dict]:
+def run(
+    hf, ids: torch.Tensor, eps: dict, on_input=lambda x: x, drop_layer: int | None = None
+) -> tuple[torch.Tensor, dict]:
     """Logits ``[1, T, vocab]`` of one prompt with the split-copy layers, and the record of
-    writes (``input``, ``("head", l, h)``, ``("mlp", l)``) and copies."""
+    writes (``input``, ``("head", l, h)``, ``("mlp", l)``), copies, q/k/v and probabilities."""
     record: dict = {}
     blocks = list(ref.decoder_layers(hf))
     for layer, block in enumerate(blocks):
-        block.forward = _split_layer(hf, block, layer, eps, record, on_input)
+        block.forward = _split_layer(hf, block, layer, eps, record, on_input, layer == drop_layer)
     try:
         logits = hf(input_ids=ids[None], use_cache=False).logits
     finally:
@@ -243,26 +250,35 @@ def _write_key(name: str):
     return ("mlp", layer) if name.startswith("m") else ("head", layer, int(name.split(".h")[1]))
 
 
-def copy_gradients(hf, ids, ct: int, nt: int, on_input=lambda x: x) -> tuple[dict, dict]:
-    """``{eps key: ∂M/∂x_v}`` ``[1, T, d]`` (M = logit difference) and the run's record."""
+def copy_gradients(
+    hf, ids, ct: int, nt: int, on_input=lambda x: x, drop_layer: int | None = None
+) -> tuple[dict, dict]:
+    """``{eps key: ∂M/∂x_v}`` ``[1, T, d]`` (M = logit difference), and ``{("probs", l):
+    ∂M/∂A}`` for every layer's attention probabilities; plus the run's record."""
     eps = _zero_eps(hf, len(ids))
     with torch.enable_grad():
-        logits, record = run(hf, ids, eps, on_input)
+        logits, record = run(hf, ids, eps, on_input, drop_layer)
         m = ref.metric_logit_diff(logits, ct, nt)
-        keys = list(eps)
-        grads = torch.autograd.grad(m, [eps[k] for k in keys])
+        keys = list(eps) + [k for k in record if k[0] == "probs"]
+        tensors = [eps[k] if k in eps else record[k] for k in keys]
+        grads = torch.autograd.grad(m, tensors, allow_unused=True)
+    grads = [torch.zeros_like(t) if g is None else g for t, g in zip(tensors, grads, strict=True)]
     return dict(zip(keys, grads, strict=True)), record
 
 
-def edge_values(hf, pair, steps: int | None = None) -> dict[tuple[str, str, str], float]:
+def edge_values(
+    hf, pair, steps: int | None = None, drop_layer: int | None = None, qk: bool = False
+) -> dict[tuple[str, str, str], float]:
     """EAP (``steps=None``) or EAP-IG with ``steps`` steps, noising, logit difference:
-    ``{(upstream, downstream, input kind): value}`` for one pair (see the module docstring)."""
+    ``{(upstream, downstream, input kind): value}`` for one pair (see the module docstring).
+    ``drop_layer``: GradDrop's term for that layer; ``qk``: edges into queries and keys get
+    the QK fix (:func:`qk_value`)."""
     clean, noise, ct, nt = ref.pair_ids(pair)
     with torch.no_grad():
         _, rec_noise = run(hf, noise, _zero_eps(hf, len(noise)))
         _, rec_clean = run(hf, clean, _zero_eps(hf, len(clean)))
     if steps is None:
-        grads, _ = copy_gradients(hf, clean, ct, nt)
+        grads, _ = copy_gradients(hf, clean, ct, nt, drop_layer=drop_layer)
     else:
         total = None
         emb_noise, emb_clean = rec_noise["input"].detach(), rec_clean["input"].detach()
@@ -277,10 +293,43 @@ def edge_values(hf, pair, steps: int | None = None) -> dict[tuple[str, str, str]
     for u in up:
         delta = (rec_noise[_write_key(u)] - rec_clean[_write_key(u)]).detach().double()
         for name, kind in down:
-            if edge_exists(hf, u, name, kind):
-                grad = grads[_eps_key(name, kind)].double()
-                out[(u, name, kind)] = float((delta * grad).sum())
+            if not edge_exists(hf, u, name, kind):
+                continue
+            if qk and kind in ("q", "k"):
+                out[(u, name, kind)] = qk_value(hf, rec_clean, grads, delta, name, kind)
+                continue
+            grad = grads[_eps_key(name, kind)].double()
+            out[(u, name, kind)] = float((delta * grad).sum())
     return out
+
+
+def qk_value(hf, record: dict, grads: dict, delta: torch.Tensor, name: str, kind: str) -> float:
+    """QK-fixed value of an edge into a query (key): the head's q (the KV head's k) recomputed
+    from its copy shifted by ``delta`` (norm and projection included), the softmax recomputed
+    with only that changed, ``Σ_{t,s} (A' - A) ∂M/∂A`` over the affected query heads."""
+    config = hf.config.get_text_config()
+    n_q, n_kv, _ = _sizes(config)
+    layer, unit = _layer_of(name), _eps_key(name, kind)[2]
+    block = list(ref.decoder_layers(hf))[layer]
+    attn_norm = NORMS.get(config.model_type, ("input_layernorm",))[0]
+    q, k, v = (t.detach() for t in record[("qkv", layer)])
+    x = record[("resid", layer)].detach()
+    pe = record[("pe", layer)]
+    with torch.no_grad():
+        q2, k2, _ = _qkv(block, config, layer, getattr(block, attn_norm)(x + delta.float()), pe)
+        if kind == "q":
+            heads = [unit]
+            q = q.clone()
+            q[:, unit] = q2[:, unit]
+        else:
+            group = n_q // n_kv
+            heads = list(range(unit * group, (unit + 1) * group))
+            k = k.clone()
+            k[:, unit] = k2[:, unit]
+        new = attention_probs(config, layer, q, k).double()
+    old = record[("probs", layer)].detach().double()
+    g = grads[("probs", layer)].double()
+    return float(((new - old) * g)[:, heads].sum())
 
 
 def copy_attribution(hf, pair) -> dict[tuple[str, str], float]:
@@ -303,4 +352,31 @@ def copy_attribution(hf, pair) -> dict[tuple[str, str], float]:
     for name, kind in down:
         delta = (copy_of(rec_noise, name, kind) - copy_of(rec_clean, name, kind)).detach()
         out[(name, kind)] = float((delta.double() * grads[_eps_key(name, kind)].double()).sum())
+    return out
+
+
+def graddrop_values(hf, pair, qk: bool = False) -> dict[tuple[str, str, str], float]:
+    """GradDrop scores: ``Σ_ℓ |value with layer ℓ's write gradient dropped| / (L - 1)`` for
+    edges into a block input, ``/ L`` for edges into the logits (one backward per layer)."""
+    n = ref.n_layers(hf)
+    terms = [edge_values(hf, pair, drop_layer=layer, qk=qk) for layer in range(n)]
+    return {
+        key: sum(abs(t[key]) for t in terms) / (n if key[2] == "logits" else n - 1)
+        for key in terms[0]
+    }
+
+
+def patched_effects(hf, pair, edges: list[tuple[str, str, str]]) -> list[float]:
+    """Exact effect of patching each edge ``(upstream, downstream, kind)`` alone: the clean run
+    with ``Δu`` added to the downstream input's own copy only, minus the clean run's metric."""
+    clean, noise, ct, nt = ref.pair_ids(pair)
+    out = []
+    with torch.no_grad():
+        _, rec_noise = run(hf, noise, _zero_eps(hf, len(noise)))
+        logits, rec_clean = run(hf, clean, _zero_eps(hf, len(clean)))
+        base = ref.metric_logit_diff(logits, ct, nt)
+        for up, name, kind in edges:
+            eps = _zero_eps(hf, len(clean))
+            eps[_eps_key(name, kind)] = rec_noise[_write_key(up)] - rec_clean[_write_key(up)]
+            out.append(float(ref.metric_logit_diff(run(hf, clean, eps)[0], ct, nt) - base))
     return out
