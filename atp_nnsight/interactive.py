@@ -99,8 +99,10 @@ class NodeInfo:
             self.label(i, with_position=not filter_unit),
         ]
 
-    def grid(self, nodes: np.ndarray, filter_unit: bool = False) -> list[list[list[str]]]:
-        return [[self.fields(int(i), filter_unit) for i in row] for row in nodes]
+    def grid(self, nodes: np.ndarray, filter_unit: bool = False) -> np.ndarray:
+        """``HOVER_FIELDS`` of every node of a ``[rows, columns]`` grid: ``[rows, columns, 5]``."""
+        fields = [self.fields(int(i), filter_unit) for i in nodes.ravel()]
+        return np.array(fields, dtype=object).reshape(*nodes.shape, len(HOVER_FIELDS))
 
 
 def _hover(value_name: str | None) -> str:
@@ -206,7 +208,7 @@ def scatter_figure(
     rest. Unsigned (``x`` = score, ``y`` = ``|exact|``): one colour per node kind.
     """
     fig = go.Figure()
-    custom = np.array([info.fields(int(i)) for i in nodes], dtype=object).reshape(-1, 5)
+    custom = info.grid(nodes)
     kinds = info.result.nodes["kind"].to_numpy(dtype=str)[nodes]
     if signed:
         agree = plots.sign_agrees(x, y)
@@ -303,7 +305,7 @@ def depth_figure(
                 name=f"{name} score",
                 legendgroup="score",
                 showlegend=p == 0,
-                customdata=[info.fields(int(i)) for i in order[at - 1]],
+                customdata=info.grid(order[at - 1]),
                 hovertemplate=_hover(None),
             ),
             row=row,
@@ -319,7 +321,7 @@ def depth_figure(
                 name="|exact effect| (verified)",
                 legendgroup="exact",
                 showlegend=p == 0,
-                customdata=[info.fields(int(i)) for i in mine],
+                customdata=info.grid(mine),
                 hovertemplate=_hover(None),
             ),
             row=row,

@@ -265,7 +265,7 @@ def _kv_table(items: Sequence[tuple[str, Any]]) -> str:
 
 
 def _kinds(r: Attribution) -> list[str]:
-    present = set(map(str, r.nodes["kind"]))
+    present = set(r.nodes["kind"].unique())
     return [k for k in NODE_KINDS if k in present]
 
 
