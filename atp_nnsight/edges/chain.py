@@ -4,13 +4,14 @@ One forward of the source prompts keeps, per layer, the per-head outputs ``z`` a
 write; the base forward turns them into every upstream node's write difference
 ``Δu = u(source) - u(base)`` (:func:`upstream_writes`), held per layer on that layer's device
 as ``[B, T, H + 1, d]`` (heads, then the MLP; the embedding difference first). The backward
-then walks down the layers (:func:`backward_chain`), one vector-Jacobian product per layer and
-*stream* (the full backward, and with GradDrop one per dropped layer), from the layer output
-to the MLP input and the attention call; each downstream input's own gradient at its
-residual copy follows from batched VJPs through the projections and the norm
-(:func:`atp_nnsight.edges.sites.copy_grads`), and the gradient at the layer input is the sum
-of the skip path and those copies (a layer's output is its input plus its writes), so no
-backward is run per downstream node and none runs twice through a layer per stream.
+then walks down the layers (:func:`backward_chain`) with each *stream* (the full backward,
+and with GradDrop one per dropped layer): the gradient at a layer's output is also the
+gradient at each of its residual writes, so VJPs from the MLP write to the MLP input and from
+the attention write to the attention call give the downstream inputs' gradients; each one's
+own gradient at its residual copy follows from batched VJPs through the projections and the
+norm (:func:`atp_nnsight.edges.sites.copy_grads`), and the gradient at the layer input is the
+sum of the skip path and those copies, so no backward is run per downstream node and none
+runs twice through a layer per stream.
 
 Edge values of a layer are contracted on the writes' devices and only ``[B, downstream,
 upstream]`` values reach the CPU. Plain dicts and torch only (shipped to NDIF).
@@ -129,12 +130,14 @@ def _qk_fixed(chunk, sites, blocks, grads_z):
     return [(torch.cat(q_parts[i], dim=2), torch.cat(k_parts[i], dim=2)) for i in range(n_streams)]
 
 
-def layer_step(chunk, layer, sites, boundary, streams, ups, continue_below):
+def layer_step(chunk, layer, sites, streams, ups, continue_below):
     """Step every stream through ``layer``: edge values ``{sid: {"attn": [B, N, U_a], "mlp":
     [B, 1, U_m]}}`` on the CPU and, if ``continue_below``, each stream's gradient at the layer
-    input. ``ups``: upstream writes (embedding, then one block per layer).
+    input. ``streams``: each stream's gradient at the layer output, which is also the gradient
+    at each of the layer's writes (output = input + attention write + MLP write). ``ups``:
+    upstream writes (embedding, then one block per layer).
 
-    Per stream, each part of the layer's graph is traversed once: output → MLP input, MLP
+    Per stream, each part of the layer's graph is traversed once: MLP write → MLP input, MLP
     input → its residual copy, attention write → call (q, k, v, and z for the QK fix), then
     the batched per-head VJPs to the attention's copy; the last stream frees each part.
     """
@@ -146,8 +149,8 @@ def layer_step(chunk, layer, sites, boundary, streams, ups, continue_below):
     grads, mlp_grads = {}, {}
     for i, sid in enumerate(ids):
         release = i == len(ids) - 1
-        g_out = streams[sid].to(boundary.device)
-        (g_mlp_in,) = vjp(boundary, [sites["mlp_in"]], g_out, release)
+        g_out = streams[sid].to(sites["mlp_out"].device)  # also the gradient at each write
+        (g_mlp_in,) = vjp(sites["mlp_out"], [sites["mlp_in"]], g_out, release)
         (g_mlp,) = vjp(
             sites["mlp_in"], [sites["mlp_copy"]], g_mlp_in, release and not info["shared_norm"]
         )
@@ -207,13 +210,13 @@ def backward_chain(chunk, metric, layer_sites, ups):
     logits = contract(ups, g_top.unsqueeze(0), {}).transpose(1, 2)
     pieces = {n_layers: logits}
     gd_pieces = {n_layers: logits.abs()}
-    boundary, streams = top, {FULL: g_top}
+    streams = {FULL: g_top}
     full_above = None
     for layer in reversed(range(n_layers)):
         if graddrop and full_above is not None:
             streams[layer + 1] = full_above
         sites = layer_sites.pop(layer)
-        values, below = layer_step(chunk, layer, sites, boundary, streams, ups, layer > 0)
+        values, below = layer_step(chunk, layer, sites, streams, ups, layer > 0)
         pieces[layer] = values[FULL]
         if graddrop:
             gd_pieces[layer] = {
@@ -225,7 +228,6 @@ def backward_chain(chunk, metric, layer_sites, ups):
                 for part in ("attn", "mlp")
             }
             full_above = streams[FULL]
-        boundary = sites["resid"]
         streams = below
         del sites, values
     out = {"est": _flatten(pieces, n_layers)}

@@ -8,7 +8,7 @@ import edge_reference as er
 import numpy as np
 import pytest
 import torch_reference as ref
-from conftest import assert_close, client, raw, reference_values
+from edge_support import assert_close, client, raw, reference_values
 
 from atp_nnsight.edges import attribute_edges
 from atp_nnsight.edges.exact import patch_edges
