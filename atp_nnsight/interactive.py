@@ -43,7 +43,9 @@ HOVER_FIELDS = ("node", "score", "exact effect", "rank", "filter key")
 
 MISSING_COLOR = plots.MISSING_COLOR
 MAX_TICKS = 40
-"""Most labelled columns of a heatmap (every n-th column is labelled beyond that)."""
+"""Most labelled token columns of a heatmap (every n-th column is labelled beyond that)."""
+MAX_NUMBER_TICKS = 12
+"""About this many ticks on a numbered axis (heads, neurons)."""
 _SEQUENTIAL = "Viridis"
 _DIVERGING = "RdBu_r"
 _KIND_COLORS = {
@@ -56,6 +58,14 @@ _FONT = dict(family="-apple-system, Segoe UI, Helvetica, Arial, sans-serif", siz
 
 def _esc(text: object) -> str:
     return html.escape(str(text), quote=False)
+
+
+def _round_step(step: float) -> float:
+    """The smallest of 1, 2, 5 x 10^k (at least 1) that is >= ``step``."""
+    if step <= 1:
+        return 1
+    power = 10 ** np.floor(np.log10(step))
+    return float(next(m * power for m in (1, 2, 5, 10) if m * power >= step))
 
 
 def _num(v: float) -> str:
@@ -173,17 +183,14 @@ def heatmap_figure(
         **colors,
     )
     fig = go.Figure(heat)
-    every = max(1, -(-n_cols // MAX_TICKS))
-    ticks = x[::every]
-    text = [str(v) for v in ticks] if x_labels is None else [_esc(t) for t in x_labels][::every]
-    fig.update_xaxes(
-        title=_esc(x_title),
-        tickmode="array",
-        tickvals=ticks,
-        ticktext=text,
-        showgrid=False,
-        zeroline=False,
-    )
+    if x_labels is None:  # unit numbers: round ticks
+        ticks = dict(tick0=0, dtick=_round_step(n_cols * x_step / MAX_NUMBER_TICKS))
+    else:  # tokens: label every column, or every n-th when there are many
+        every = max(1, -(-n_cols // MAX_TICKS))
+        ticks = dict(
+            tickmode="array", tickvals=x[::every], ticktext=[_esc(t) for t in x_labels][::every]
+        )
+    fig.update_xaxes(title=_esc(x_title), showgrid=False, zeroline=False, **ticks)
     fig.update_yaxes(
         title=_esc(y_title),
         autorange="reversed",
@@ -195,7 +202,8 @@ def heatmap_figure(
     )
     height = int(np.clip(140 + 18 * n_rows, 300, 720))
     _layout(fig, _esc(title), height)
-    fig.update_layout(plot_bgcolor=MISSING_COLOR)
+    width = 230 + 48 * n_cols  # a few columns need no more; many take the page's width
+    fig.update_layout(plot_bgcolor=MISSING_COLOR, width=max(width, 480) if width < 1000 else None)
     return fig
 
 
@@ -335,7 +343,12 @@ def depth_figure(
                     y=level, line=dict(color="#d62728", dash=dash, width=1), row=row, col=col
                 )
         fig.update_xaxes(
-            type="log", title=f"rank among {kind} nodes", gridcolor="#eee", row=row, col=col
+            type="log",
+            dtick=1,  # one tick per decade
+            title=f"rank among {kind} nodes",
+            gridcolor="#eee",
+            row=row,
+            col=col,
         )
         fig.update_yaxes(gridcolor="#eee", rangemode="tozero", row=row, col=col)
     fig.update_yaxes(title="score · |exact effect|", row=1, col=1)

@@ -89,7 +89,7 @@ table.ranked tr.hidden { display: none; }
 code, .pre { font-family: ui-monospace, SFMono-Regular, Menlo, Consolas, monospace; font-size: 12px;
   white-space: pre-wrap; }
 figure { margin: 8px 0 24px; max-width: 100%; }
-.plot { width: 100%; border: 1px solid var(--line); }
+.plot { max-width: 100%; overflow-x: auto; }
 figcaption { color: var(--muted); font-size: 13px; margin-top: 6px; max-width: 900px; }
 figcaption b { color: var(--fg); }
 a { color: var(--accent); }
