@@ -193,6 +193,7 @@ def heatmap_figure(
     fig.update_xaxes(title=_esc(x_title), showgrid=False, zeroline=False, **ticks)
     fig.update_yaxes(
         title=_esc(y_title),
+        automargin=True,  # room for long row labels (unit names)
         autorange="reversed",
         tickmode="array",
         tickvals=np.arange(n_rows),

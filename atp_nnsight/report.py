@@ -910,9 +910,9 @@ def write_report(
                 _units_by_position(r, infos[name], tokens, f"{label}: top units by position"),
                 plots.top_units_by_position(r, tokens, n_top=TOP_UNITS),
                 f"{slugs[name]}_top_units_positions.png",
-                f"<b>The {TOP_UNITS} best units of {_esc(label)} at each position</b> — a unit "
-                "is a head, KV head or neuron; units are ranked by their best score over "
-                "positions. Colour = "
+                f"<b>The {TOP_UNITS} best units of {_esc(label)}, position by position</b> — "
+                "a unit is a head, KV head or neuron, ranked by its best score over positions; "
+                "x = the clean prompt's tokens. Colour = "
                 + (
                     "the signed mean estimate (red raises the metric, blue lowers it)."
                     if signed
