@@ -559,17 +559,17 @@ def _unit_heatmap(
     """The interactive twin of :func:`plots.head_heatmap` (wide kinds pooled in blocks)."""
     vals, signed, label = plots._values(r, value)
     matrix, layers, summed = plots.layer_unit_matrix(r, kind, vals)
+    scores, _, _ = plots.layer_unit_matrix(r, kind, "score")
+    # a cell without a value (not verified) still names its node: the best-scoring one
     nodes = plots.layer_unit_nodes(r, kind, vals)
-    fallback = plots.layer_unit_nodes(r, kind, "score")
-    nodes = np.where(nodes >= 0, nodes, fallback)  # unverified cells still name their node
+    nodes = np.where(nodes >= 0, nodes, plots.layer_unit_nodes(r, kind, "score"))
     block = plots.column_block(matrix.shape[1], INTERACTIVE_COLUMNS)
     unit = plots._UNIT_NAMES.get(kind, "unit")
     x_title = unit
     if block > 1:
         matrix, source = plots.pool_columns(matrix, block)
-        _, by_score = plots.pool_columns(np.where(fallback >= 0, 1.0, np.nan), block)
-        pick = np.where(source >= 0, source, by_score)
-        nodes = np.where(pick >= 0, np.take_along_axis(nodes, np.maximum(pick, 0), 1), -1)
+        source = np.where(source >= 0, source, plots.pool_columns(scores, block)[1])
+        nodes = np.where(source >= 0, np.take_along_axis(nodes, np.maximum(source, 0), 1), -1)
         x_title = f"{unit} (blocks of {block}: the one with the largest |value| is shown)"
     label = _SHORT_VALUE_NAMES.get(value, label)
     if summed:

@@ -585,3 +585,53 @@ def test_bad_inputs(tmp_path):
         write_report(
             tmp_path, {"atp": plain}, settings={}, diagnosis=fake_diagnosis(plain, 1.0, 0.5)
         )
+
+
+def test_wide_heatmaps_pool_units_and_name_the_shown_node(tmp_path):
+    n_neurons, block = 600, 3  # 600 columns > 256: blocks of 3
+    nodes = pd.DataFrame(
+        [("neuron", layer, i, None) for layer in range(2) for i in range(n_neurons)],
+        columns=["kind", "layer", "index", "position"],
+    )
+    nodes["position"] = pd.array(nodes["position"], dtype="Int64")
+    rng = np.random.default_rng(0)
+    per_pair = rng.normal(size=(2, len(nodes)))
+    r = Attribution(
+        nodes=nodes,
+        scores=np.abs(per_pair).mean(0),
+        per_pair=per_pair,
+        mean_effect=per_pair.mean(0),
+        method="atp",
+        direction="noising",
+        metric="logit-diff",
+        model="tiny/wide",
+        cost=8.0,
+        metadata={"kinds": ["neuron"], "layers": [0, 1]},
+    )
+    verify_top(r, -r.mean_effect, k=4)
+    text = write_report(tmp_path, {"atp": r}, settings={}).read_text()
+    specs = {s["layout"]["title"]["text"]: s for s in figure_specs(text).values()}
+    for title, values in (
+        ("AtP: neuron nodes", r.scores),
+        ("verified exact effect: neuron nodes", None),
+    ):
+        trace = specs[title]["data"][0]
+        custom = np.asarray(trace["customdata"], dtype=object)
+        assert custom.shape == (2, n_neurons // block, 5)
+        ver = r.metadata["verified"]
+        verified = dict(zip(ver["order"], ver["mean_effect"], strict=True))
+        for layer in range(2):
+            for b in range(n_neurons // block):
+                rows = layer * n_neurons + b * block + np.arange(block)
+                if values is not None:
+                    shown = rows[np.argmax(np.abs(values[rows]))]
+                else:
+                    known = [i for i in rows if i in verified]
+                    shown = (
+                        max(known, key=lambda i: abs(verified[i]))
+                        if known
+                        else rows[np.argmax(r.scores[rows])]
+                    )
+                assert custom[layer, b, 0] == str(r.node(int(shown)))
+                assert (custom[layer, b, 2] == "not verified") == (int(shown) not in verified)
+        assert "blocks of 3" in specs[title]["layout"]["xaxis"]["title"]["text"]
