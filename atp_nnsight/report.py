@@ -170,7 +170,7 @@ _SCRIPT = """
     div.on('plotly_click', function (event) {
       var point = event.points[0], data = point && point.customdata;
       if (data && data[0] !== 'no node' && div.getAttribute('data-table')) {
-        filterTable(div.getAttribute('data-table'), data[4] || data[0]);
+        filterTable(div.getAttribute('data-table'), data[4]);
       }
     });
   });

@@ -362,3 +362,39 @@ def test_screenshot_shows_a_rendered_page(page, tmp_path):
         # a rendered page, not a blank or error screen: many grey levels, mostly light
         assert len(np.unique(grey)) > 50 and grey.mean() > 180
     assert problems(page.events) == []
+
+
+def test_a_unit_cell_of_a_per_position_result_filters_every_position(tmp_path):
+    results, _ = suite(per_position=True)
+    star = results["atp*"]
+    path = write_report(tmp_path / "report", {"atp*": star}, settings={}, top_k=20)
+    browser = Browser(tmp_path / "profile")
+    try:
+        browser.send("Runtime.enable")
+        browser.send("Page.enable")
+        browser.send(
+            "Emulation.setDeviceMetricsOverride",
+            width=WIDTH,
+            height=HEIGHT,
+            deviceScaleFactor=1,
+            mobile=False,
+        )
+        browser.send("Page.navigate", url=path.resolve().as_uri())
+        browser.wait_for("Page.loadEventFired")
+        expected = browser.js("document.querySelectorAll('.plot').length")
+        deadline = time.monotonic() + 60
+        while browser.js("document.body.getAttribute('data-figures-rendered')") != str(expected):
+            assert time.monotonic() < deadline, "figures did not render within 60 s"
+            time.sleep(0.2)
+        best = star.node(int(star.ranking()[0]))  # a head at one position
+        unit = str(Node(best.kind, best.layer, best.index))
+        in_table = [str(star.node(int(i))) for i in star.ranking()[:20]]
+        want = [n for n in in_table if n.startswith(unit + "@")]
+        assert len(want) >= 1
+        figure = _score_heatmap(browser)
+        browser.click(*_cell_center(browser, figure, best.index, best.layer))
+        time.sleep(0.3)
+        assert visible_rows(browser) == want
+        assert problems(browser.events) == []
+    finally:
+        browser.close()
