@@ -210,7 +210,7 @@ def run_node_sets(
     """Effects ``[pairs, sets]``, base metric ``[pairs]`` and cost (forward passes)."""
     adapter = get_adapter(model)
     check_direction(direction)
-    vocab = model._module.config.vocab_size
+    vocab = model._module.config.get_text_config().vocab_size
     source_sites: dict[int, list[str]] = {}
     for kind, layer in sets.sites:
         source_sites.setdefault(layer, []).append(kind)
