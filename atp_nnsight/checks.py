@@ -36,7 +36,24 @@ ZERO_DIFFERENCE_RTOL = 1e-5
 ZERO_DIFFERENCE_ATOL = 1e-6
 """A pair's clean and noise metrics are "equal" when ``|a - b| <= atol + rtol * max(|a|, |b|)``."""
 
-SUPPORTED_MODEL_TYPES: tuple[str, ...] = ("gpt2", "gpt_neox", "llama", "mistral", "qwen2")
+SUPPORTED_MODEL_TYPES: tuple[str, ...] = (
+    "gpt2",
+    "gpt_neox",
+    "gptj",
+    "llama",
+    "mistral",
+    "qwen2",
+    "qwen3",
+    "gemma2",
+    "gemma3_text",
+    "gemma3",
+    "olmo2",
+    "olmo3",
+    "phi3",
+    "mixtral",
+    "qwen2_moe",
+    "olmoe",
+)
 """``config.model_type`` values with an adapter (the keys of ``atp_nnsight.models.FAMILIES``,
 repeated here so the command line can check a model without importing torch)."""
 
@@ -214,13 +231,16 @@ def check_model_type(config: Mapping[str, Any], name: str) -> None:
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise ValueError(
             f"model {name!r} has unsupported architecture {model_type!r}; supported model "
-            f"types: {', '.join(SUPPORTED_MODEL_TYPES)} (GPT-2, GPT-NeoX/Pythia, "
-            "Llama/Mistral/Qwen2/SmolLM2)"
+            f"types: {', '.join(SUPPORTED_MODEL_TYPES)} (GPT-2, GPT-NeoX/Pythia, GPT-J, "
+            "Llama/Mistral/Qwen2/SmolLM2, Qwen3, Gemma 2/3, OLMo 2/3, Phi-3, Mixtral, "
+            "Qwen2-MoE, OLMoE)"
         )
 
 
 def config_n_layers(config: Mapping[str, Any]) -> int:
-    """Number of layers in a ``config.json`` dict (``num_hidden_layers`` or GPT-2's ``n_layer``)."""
+    """Number of layers in a ``config.json`` dict (``num_hidden_layers`` or GPT-2's ``n_layer``;
+    multimodal configs such as Gemma 3's: their ``text_config``'s)."""
+    config = config.get("text_config") or config
     for key in _LAYER_KEYS:
         if isinstance(config.get(key), int):
             return int(config[key])

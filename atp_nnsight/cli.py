@@ -24,6 +24,7 @@ import argparse
 import hashlib
 import importlib
 import json
+import shlex
 import shutil
 import sys
 import time
@@ -53,7 +54,7 @@ OUT_HELP = (
 )
 
 # Options that change only what is shown or where it goes, not what is computed.
-_PRESENTATION_OPTIONS = ("out", "top", "no_progress", "checkpoint_dir")
+_PRESENTATION_OPTIONS = ("out", "top", "no_progress", "checkpoint_dir", "command_line")
 
 
 # ---- option types (argparse reports their errors with exit code 2) --------------------------
@@ -652,13 +653,12 @@ def run_main_job(args: argparse.Namespace) -> int:
                     ["rank", "layer", "index", "position", "score", "estimate", "exact"]
                 ].to_string(index=False, float_format=lambda x: f"{x:.4f}", na_rep="-")
             )
-        command = " ".join(sys.argv[1:]) if sys.argv[1:] else "run"
         settings = {
             "task": "pairs from " + args.pairs if args.pairs else f"built-in {args.task}",
             "seed": args.seed,
             "verified per kind": args.verify,
             "time (s)": f"{elapsed:.0f}",
-            "command": f"atp-nnsight {command}",
+            "command": f"atp-nnsight {args.command_line}",
         }
         tokens = (
             run.model.tokenizer.convert_ids_to_tokens(
@@ -712,6 +712,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if argv[:1] == ["check-remote"]:
         return run_check_remote(argv[1:])
     args = build_parser().parse_args(argv)
+    args.command_line = shlex.join(argv)
     with _warnings_to_stderr():
         try:
             check_args(args)

@@ -1,10 +1,13 @@
-"""Shared by the benchmark scripts: built-in task pairs and cached exact ground truth."""
+"""Shared by the benchmark scripts: built-in task pairs and cached exact ground truth, random
+token pairs and the plain-PyTorch baseline passes."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from atp_nnsight import Attribution, keep_correct, make_task, patch
+import torch
+
+from atp_nnsight import Attribution, PromptPair, keep_correct, make_task, patch
 
 OUT = Path(__file__).parent / "results"
 
@@ -28,3 +31,40 @@ def ground_truth(model, pairs, kinds: str, layers, name: str) -> Attribution:
     OUT.mkdir(parents=True, exist_ok=True)
     result.save(path)
     return result
+
+
+def random_token_pairs(n: int, length: int, vocab_size: int, seed: int = 0) -> list:
+    """``n`` pairs of random token ids for :func:`atp_nnsight.models.tiny.tiny_tokenizer`.
+
+    Its words ``w{id}`` are single tokens, so the prompts tokenize to exactly ``length`` ids
+    drawn from ``0 .. vocab_size - 3`` (clean and noise differ, and so do the two targets).
+    """
+    generator = torch.Generator().manual_seed(seed)
+    n_words = vocab_size - 2  # w0 .. w{V-3}; the last two ids are <unk> and <eos>
+    clean = torch.randint(0, n_words, (n, length), generator=generator).tolist()
+    noise = torch.randint(0, n_words, (n, length), generator=generator).tolist()
+    target = torch.randint(0, n_words, (n,), generator=generator)
+    other = (target + torch.randint(1, n_words, (n,), generator=generator)) % n_words
+    text = lambda ids: " ".join(f"w{i}" for i in ids)  # noqa: E731
+    return [
+        PromptPair(text(c), text(x), f"w{t}", f"w{o}")
+        for c, x, t, o in zip(clean, noise, target.tolist(), other.tolist(), strict=True)
+    ]
+
+
+def plain_passes(hf, tok, n_backward: int, pairs_per_chunk: int) -> None:
+    """Plain PyTorch over the pairs ``tok``, per chunk: noise forward (no grad), clean forward
+    and ``n_backward`` backwards of the logit difference to the embeddings (the residual stream
+    entering layer 0) with ``torch.autograd.grad``. No nnsight; ``hf`` is the raw model."""
+    embed = hf.get_input_embeddings()
+    device = embed.weight.device
+    for g in tok.chunks(pairs_per_chunk):
+        with torch.no_grad():
+            hf(g.noise.to(device), use_cache=False)
+        emb = embed(g.clean.to(device)).detach().requires_grad_(True)
+        last = hf(inputs_embeds=emb, use_cache=False).logits[:, -1].float()
+        rows = torch.arange(len(g), device=device)
+        clean, noise = g.clean_target.to(device), g.noise_target.to(device)
+        metric = (last[rows, clean] - last[rows, noise]).sum()
+        for i in range(n_backward):
+            torch.autograd.grad(metric, emb, retain_graph=i < n_backward - 1)

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import sys
+import types
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -10,6 +13,7 @@ import pytest
 
 from atp_nnsight import Attribution, patch
 from atp_nnsight.cli import main
+from atp_nnsight.metrics import METRICS
 from atp_nnsight.models.loading import load_model
 from atp_nnsight.models.tiny import tiny_hf_model, tiny_tokenizer
 
@@ -76,3 +80,150 @@ def test_bad_pairs_file_is_a_clear_error(model_dir, tmp_path, capsys):
     assert main(["patch", "--model", model_dir, "--pairs", str(bad)]) == 2
     err = capsys.readouterr().err
     assert "noise_target" in err and "line 1" in err
+
+
+# ---- outputs: one convention, atomic ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".npz"])
+def test_out_suffix_names_one_of_the_two_files_written(model_dir, pairs_file, tmp_path, suffix):
+    folder = tmp_path / "new" / "folder"  # created when the results are written
+    args = ["attribute", "--model", model_dir, "--pairs", pairs_file, "--method", "atp"]
+    assert (
+        main(args + ["--layers", "1", "--out", str(folder / f"res{suffix}"), "--no-progress"]) == 0
+    )
+    table = pd.read_csv(folder / "res.csv")
+    full = Attribution.load(folder / "res.npz")
+    np.testing.assert_allclose(table["score"], full.scores, rtol=1e-6)
+    assert sorted(p.name for p in folder.iterdir()) == ["res.csv", "res.npz"]
+
+
+def test_failed_npz_write_leaves_the_earlier_outputs(model_dir, pairs_file, tmp_path, monkeypatch):
+    out = tmp_path / "res.csv"
+    args = ["attribute", "--model", model_dir, "--pairs", pairs_file, "--method", "atp"]
+    args += ["--layers", "1", "--out", str(out), "--no-progress"]
+    assert main(args) == 0
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+
+    def broken_save(self, path):
+        Path(path).write_bytes(b"half")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(Attribution, "save", broken_save)
+    assert main(args + ["--nodes", "neuron"]) == 1
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+
+
+def test_run_replaces_an_earlier_report_only_when_complete(
+    model_dir, pairs_file, tmp_path, monkeypatch, capsys
+):
+    folder = tmp_path / "report"
+    args = ["run", "--model", model_dir, "--pairs", pairs_file, "--nodes", "head"]
+    args += ["--verify", "2", "--out", str(folder), "--no-progress"]
+    assert main(args) == 0
+    first = {p.name: p.read_bytes() for p in folder.iterdir()}
+    assert "report.html" in first
+
+    def crash(folder, *args, **kwargs):
+        (Path(folder) / "report.html").write_text("half")
+        raise RuntimeError("plotting failed")
+
+    monkeypatch.setattr("atp_nnsight.report.write_report", crash)
+    assert main(args[:-3] + ["--verify", "3", "--out", str(folder), "--no-progress"]) == 1
+    assert "plotting failed" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == first
+    assert [p.name for p in tmp_path.iterdir()] == ["report"]  # no temporary folder left
+    monkeypatch.undo()
+    assert main(args[:-3] + ["--verify", "3", "--out", str(folder), "--no-progress"]) == 0
+    assert "--verify 3" in (folder / "report.html").read_text()
+    assert [p.name for p in tmp_path.iterdir()] == ["report"]
+
+
+# ---- checkpoints: an interrupted run resumes -------------------------------------------------
+
+
+FAIL_ON_TARGET: list[int] = []
+CALLS: list[int] = []
+
+
+def flaky_logit_diff(logits, clean_target, noise_target):
+    """logit-diff that records the clean targets it sees and fails on FAIL_ON_TARGET."""
+    CALLS.extend(clean_target.tolist())
+    if set(clean_target.tolist()) & set(FAIL_ON_TARGET):
+        raise RuntimeError("simulated crash")
+    from atp_nnsight.metrics import logit_diff
+
+    return logit_diff(logits, clean_target, noise_target)
+
+
+def test_interrupted_run_resumes_from_its_checkpoints(model_dir, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("ATP_NNSIGHT_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setitem(METRICS, "logit-diff", flaky_logit_diff)
+    pairs = tmp_path / "pairs.jsonl"
+    rows = [
+        {"clean": f"w{i} w2 w3", "noise": f"w{i + 10} w5 w6", "clean_target": f" w{50 + i}",
+         "noise_target": " w40"}
+        for i in range(3)
+    ]  # fmt: skip
+    pairs.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    args = ["attribute", "--model", model_dir, "--pairs", str(pairs), "--method", "atp"]
+    args += ["--pairs-per-chunk", "1", "--no-progress"]
+    FAIL_ON_TARGET[:] = [52]
+    CALLS.clear()
+    assert main(args) == 1
+    err = capsys.readouterr().err
+    assert "simulated crash" in err and "rerun to resume" in err
+    folder = Path(err.split("checkpoints: ")[1].split(" (")[0])
+    assert folder.is_relative_to(tmp_path / "cache") and any(folder.rglob("chunk_*.pt"))
+    assert 50 in CALLS
+    FAIL_ON_TARGET.clear()
+    CALLS.clear()
+    assert main(args) == 0
+    assert 50 not in CALLS and 52 in CALLS  # pair 0 came from the checkpoint
+    assert not folder.exists()  # removed once the run succeeded
+
+
+def test_pair_warnings_are_one_line_on_stderr(model_dir, tmp_path, capsys):
+    pairs = tmp_path / "pairs.jsonl"
+    row = {"clean": "w1 w2 w3", "noise": "w4 w5 w6", "clean_target": " w7", "noise_target": "w7"}
+    pairs.write_text(json.dumps(row) + "\n")
+    args = ["attribute", "--model", model_dir, "--pairs", str(pairs), "--method", "atp"]
+    assert main(args + ["--metric", "logprob", "--layers", "1", "--no-progress"]) == 0
+    err = capsys.readouterr().err
+    assert "atp-nnsight: warning: pair 0: clean_target and noise_target are the same token" in err
+    assert main(args + ["--layers", "1", "--no-progress"]) == 2  # logit-diff would be all zeros
+    assert "logit-diff metric is 0 on every run" in capsys.readouterr().err
+
+
+# ---- check-remote ----------------------------------------------------------------------------
+
+
+def test_check_remote_without_its_module_is_a_clear_error(monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "atp_nnsight.remote_check", None)
+    assert main(["check-remote"]) == 2
+    assert "check-remote is not available" in capsys.readouterr().err
+
+
+def test_check_remote_is_wired_to_remote_check(monkeypatch):
+    seen = {}
+
+    def add_arguments(parser):
+        parser.add_argument("--model", default="meta-llama/Llama-3.1-8B")
+
+    def run(args):
+        seen["model"] = args.model
+        return 3
+
+    module = types.ModuleType("atp_nnsight.remote_check")
+    module.add_arguments, module.run = add_arguments, run
+    monkeypatch.setitem(sys.modules, "atp_nnsight.remote_check", module)
+    assert main(["check-remote", "--model", "org/name"]) == 3
+    assert seen == {"model": "org/name"}
+
+
+def test_help_lists_check_remote(capsys):
+    with pytest.raises(SystemExit) as stop:
+        main(["--help"])
+    assert stop.value.code == 0
+    out = capsys.readouterr().out
+    assert "check-remote" in out and "smallest meaningful NDIF job" in out

@@ -1,6 +1,8 @@
 """Open report.html in headless Chromium: every embedded image decodes and the page renders.
 
-Skipped when Chromium is not installed (``apt-get install chromium``). The report marks each
+Skipped when Chromium is not installed (``apt-get install chromium``), except under ``CI=true``,
+where a missing browser fails the tests: CI must not go green without the browser check.
+``$CHROMIUM`` names the browser binary instead of the default locations. The report marks each
 image with ``data-loaded="1"`` from its ``onload`` handler and, on the window's load event,
 writes the number of decoded images (``naturalWidth > 0``) to ``<body data-images-loaded>``;
 ``--dump-dom`` prints the DOM after the load event, so the test reads those attributes.
@@ -27,21 +29,31 @@ from atp_nnsight.report import write_report  # noqa: E402
 
 
 def _chromium() -> str | None:
-    for candidate in (
-        "/usr/bin/chromium",
-        shutil.which("chromium"),
-        shutil.which("chromium-browser"),
-    ):
+    override = os.environ.get("CHROMIUM")
+    candidates = (
+        (override,)
+        if override
+        else ("/usr/bin/chromium", shutil.which("chromium"), shutil.which("chromium-browser"))
+    )
+    for candidate in candidates:
         if candidate and os.access(candidate, os.X_OK):
             return candidate
     return None
 
 
 CHROMIUM = _chromium()
-pytestmark = pytest.mark.skipif(
-    CHROMIUM is None,
-    reason="headless Chromium not installed (/usr/bin/chromium); apt-get install chromium",
-)
+MISSING = "headless Chromium not installed (/usr/bin/chromium); apt-get install chromium"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def chromium_present() -> None:
+    """Skip without Chromium, but fail under CI=true (where .ci/run installs it)."""
+    if CHROMIUM is not None:
+        return
+    if os.environ.get("CI", "").lower() in ("true", "1"):
+        pytest.fail(f"CI=true but {MISSING}; the browser check must run in CI")
+    pytest.skip(MISSING)
+
 
 FLAGS = [
     "--headless",

@@ -9,16 +9,30 @@ kind       tensor                                                 viewed as [B, 
 =========  ====================================================  ===========================
 resid L    hidden_states input of decoder layer L                 unit = 1
 q/k/v L    query/key/value as passed to the attention function    heads (k, v: KV heads)
-           ([B, heads, T, D], post-rotary, before repeat_kv)
+           ([B, heads, T, D], post-norm, post-rotary, before
+           repeat_kv)
 head L     input of the attention output projection               query heads × head_dim
-attn_out   attention module output[0]                             unit = 1
+attn_out   what the attention adds to the residual stream         unit = 1
+           (after the post-norm, if the family has one)
 neuron L   input of the MLP down projection                       neurons × 1
-mlp_out    MLP module output                                      unit = 1
+mlp_out    what the MLP adds to the residual stream               unit = 1
 =========  ====================================================  ===========================
 
-q/k/v are intercepted by registering a custom attention function (``ATTN_NAME``, which calls
-transformers' own sdpa implementation, with the sdpa mask function) and switching the model to
-it for the duration of each run.
+Two ways of instrumenting a model:
+
+* **hooked** (``gpt2``, ``gpt_neox``, ``llama``, ``mistral``, ``qwen2``): module hooks, and q/k/v
+  intercepted by registering a custom attention function (``ATTN_NAME``, which calls
+  transformers' own sdpa implementation, with the sdpa mask function) and switching the model
+  to it for the duration of each run;
+* **written out** (every family in :data:`WRITTEN`): each decoder layer's forward is replaced
+  for the duration of a run by a plain-PyTorch implementation written here from the family's
+  definition — RMSNorm (including Gemma's ``1 + weight``) and LayerNorm, q/k norms per head or
+  over all heads, rotary (half-split, partial, or GPT-J's interleaved), attention with the
+  family's scale, logit softcap, causal and sliding-window mask (built here from the config),
+  sandwich/post/pre/parallel blocks, gated/fused/plain/mixture-of-experts MLPs — reading only
+  the layer's parameters and the rotary cos/sin the model passes to the layer. No transformers
+  attention, norm or activation function is called. ``test_families.py`` checks that it
+  reproduces the model's logits.
 """
 
 from __future__ import annotations
@@ -29,6 +43,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, eager_mask, sdpa_mask
@@ -99,6 +114,46 @@ PATHS = {
     "mistral": Paths("model.layers", "self_attn", "o_proj", "mlp", "down_proj"),
     "qwen2": Paths("model.layers", "self_attn", "o_proj", "mlp", "down_proj"),
 }
+"""Hooked families."""
+
+
+@dataclass(frozen=True)
+class Written:
+    """How a written-out family computes a decoder layer.
+
+    ``block``: ``pre`` (``x + attn(n1(x))``, then ``+ mlp(n2(·))``), ``sandwich`` (pre- and
+    post-norms around both), ``post`` (post-norms only) or ``parallel`` (``x + attn(ln(x)) +
+    mlp(ln(x))``); ``qk_norm``: None, ``head`` (RMSNorm over head_dim) or ``all`` (over all heads
+    of the projection, before the split); ``rotary``: ``half`` (rotate-half on the first
+    ``cos.shape[-1]`` dims) or ``interleaved`` (GPT-J: pairs of adjacent dims); ``mlp``:
+    ``gated``, ``gate_up`` (fused), ``fc`` (GPT-J) or ``moe``; ``gemma``: RMSNorm scales by
+    ``1 + weight`` and the softmax scale is ``query_pre_attn_scalar ** -0.5``; ``softcap``:
+    attention logits are ``cap · tanh(logits / cap)`` with ``config.attn_logit_softcapping``.
+    """
+
+    layers: str
+    block: str
+    mlp: str
+    qk_norm: str | None = None
+    rotary: str = "half"
+    gemma: bool = False
+    softcap: bool = False
+
+
+WRITTEN = {
+    "gemma2": Written("model.layers", "sandwich", "gated", gemma=True, softcap=True),
+    "gemma3_text": Written("model.layers", "sandwich", "gated", "head", gemma=True),
+    "gemma3": Written("model.language_model.layers", "sandwich", "gated", "head", gemma=True),
+    "qwen3": Written("model.layers", "pre", "gated", "head"),
+    "olmo2": Written("model.layers", "post", "gated", "all"),
+    "olmo3": Written("model.layers", "post", "gated", "all"),
+    "phi3": Written("model.layers", "pre", "gate_up"),
+    "gptj": Written("transformer.h", "parallel", "fc", rotary="interleaved"),
+    "mixtral": Written("model.layers", "pre", "moe"),
+    "qwen2_moe": Written("model.layers", "pre", "moe"),
+    "olmoe": Written("model.layers", "pre", "moe", "all"),
+}
+"""Written-out families (``config.model_type`` → layer description)."""
 
 
 def _get(module: torch.nn.Module, path: str) -> Any:
@@ -108,7 +163,8 @@ def _get(module: torch.nn.Module, path: str) -> Any:
 
 
 def decoder_layers(hf: torch.nn.Module) -> Any:
-    return _get(hf, PATHS[hf.config.model_type].layers)
+    family = hf.config.model_type
+    return _get(hf, WRITTEN[family].layers if family in WRITTEN else PATHS[family].layers)
 
 
 def n_layers(hf: torch.nn.Module) -> int:
@@ -116,15 +172,15 @@ def n_layers(hf: torch.nn.Module) -> int:
 
 
 def sizes(hf: torch.nn.Module) -> dict[str, int]:
-    """Units per kind for ``hf`` (read from the config)."""
-    c = hf.config
-    if c.model_type == "gpt2":
+    """Units per kind for ``hf`` (read from the config); no ``neuron`` for MoE models."""
+    c = hf.config.get_text_config()
+    if c.model_type in ("gpt2", "gptj"):
         heads, kv, mlp = c.n_head, c.n_head, c.n_inner or 4 * c.n_embd
     else:
         heads = c.num_attention_heads
         kv = getattr(c, "num_key_value_heads", None) or heads
         mlp = c.intermediate_size
-    return {
+    out = {
         "resid": 1,
         "q": heads,
         "k": kv,
@@ -134,6 +190,9 @@ def sizes(hf: torch.nn.Module) -> dict[str, int]:
         "neuron": mlp,
         "mlp_out": 1,
     }
+    if hf.config.model_type in WRITTEN and WRITTEN[hf.config.model_type].mlp == "moe":
+        del out["neuron"]
+    return out
 
 
 def units(hf: torch.nn.Module, kind: str, x: torch.Tensor) -> torch.Tensor:
@@ -148,13 +207,199 @@ def units(hf: torch.nn.Module, kind: str, x: torch.Tensor) -> torch.Tensor:
 
 
 # --------------------------------------------------------------------------------------------
+# written-out decoder layers
+# --------------------------------------------------------------------------------------------
+ACTIVATIONS = {
+    "silu": F.silu,
+    "gelu": F.gelu,
+    "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
+    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
+}
+
+
+def _replaced(module: torch.nn.Module) -> bool:
+    """A norm a test replaced by its own module (e.g. ``Identity``): called as it is."""
+    return not type(module).__module__.startswith("transformers.")
+
+
+def _rms(x: torch.Tensor, weight: torch.Tensor, eps: float, gemma: bool) -> torch.Tensor:
+    """RMSNorm over the last dim, in float32; Gemma scales by ``1 + weight``."""
+    xf = x.float()
+    normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    scale = 1.0 + weight.float() if gemma else weight.float()
+    return (normed * scale).to(x.dtype)
+
+
+def _linear(module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return F.linear(x, module.weight, module.bias)
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kind: str) -> torch.Tensor:
+    """Rotary position embedding of ``x`` ``[B, H, T, D]`` on its first rotary dims."""
+    if kind == "half":  # cos, sin: [B, T, rot]; dims (i, i + rot/2) rotate together
+        rot = cos.shape[-1]
+        xr, rest = x[..., :rot], x[..., rot:]
+        half = rot // 2
+        rotated = torch.cat((-xr[..., half:], xr[..., :half]), dim=-1)
+        return torch.cat((xr * cos[:, None] + rotated * sin[:, None], rest), dim=-1)
+    # interleaved (GPT-J): (sin, cos) are [B, T, rot/2]; dims (2i, 2i+1) rotate together
+    rot = 2 * cos.shape[-1]
+    xr, rest = x[..., :rot], x[..., rot:]
+    c = cos.repeat_interleave(2, dim=-1)[:, None]
+    s = sin.repeat_interleave(2, dim=-1)[:, None]
+    rotated = torch.stack((-xr[..., 1::2], xr[..., ::2]), dim=-1).flatten(-2)
+    return torch.cat((xr * c + rotated * s, rest), dim=-1)
+
+
+def _window(config: Any, layer: int) -> int | None:
+    """The sliding window of ``layer`` (None: global attention)."""
+    types = getattr(config, "layer_types", None)
+    if types is not None:
+        return config.sliding_window if types[layer] == "sliding_attention" else None
+    return getattr(config, "sliding_window", None)
+
+
+def _attention(block, config, spec: Written, layer: int, x, position_embeddings, fn: SiteFn):
+    """The attention output of one written-out layer (before any post-norm)."""
+    attn = block.attn if spec.block == "parallel" else block.self_attn
+    b, t, _ = x.shape
+    if spec.block == "parallel":
+        n_heads, n_kv = config.n_head, config.n_head
+    else:
+        n_heads, n_kv = config.num_attention_heads, config.num_key_value_heads
+    d = attn.head_dim
+    if hasattr(attn, "qkv_proj"):  # fused: queries, keys, values along the output
+        q, k, v = _linear(attn.qkv_proj, x).split([n_heads * d, n_kv * d, n_kv * d], dim=-1)
+    else:
+        q, k, v = _linear(attn.q_proj, x), _linear(attn.k_proj, x), _linear(attn.v_proj, x)
+    eps = getattr(config, "rms_norm_eps", None)
+    if spec.qk_norm == "all":
+        q, k = _rms(q, attn.q_norm.weight, eps, False), _rms(k, attn.k_norm.weight, eps, False)
+    clip = getattr(config, "clip_qkv", None)
+    if clip is not None:
+        q, k, v = q.clamp(-clip, clip), k.clamp(-clip, clip), v.clamp(-clip, clip)
+    q = q.view(b, t, n_heads, d).transpose(1, 2)
+    k = k.view(b, t, n_kv, d).transpose(1, 2)
+    v = v.view(b, t, n_kv, d).transpose(1, 2)
+    if spec.qk_norm == "head":
+        q = _rms(q, attn.q_norm.weight, eps, spec.gemma)
+        k = _rms(k, attn.k_norm.weight, eps, spec.gemma)
+    if spec.rotary == "half":
+        cos, sin = position_embeddings
+    else:
+        sin, cos = position_embeddings
+    q, k = _rotate(q, cos, sin, spec.rotary), _rotate(k, cos, sin, spec.rotary)
+    q, k, v = _apply(fn, "q", layer, q), _apply(fn, "k", layer, k), _apply(fn, "v", layer, v)
+    scale = config.query_pre_attn_scalar**-0.5 if spec.gemma else d**-0.5
+    group = n_heads // n_kv
+    scores = scale * (q.float() @ k.float().repeat_interleave(group, dim=1).transpose(-1, -2))
+    if spec.softcap:
+        cap = config.attn_logit_softcapping
+        scores = cap * torch.tanh(scores / cap)
+    pos = torch.arange(t)
+    visible = pos[:, None] >= pos[None, :]
+    window = _window(config, layer)
+    if window is not None:
+        visible &= pos[:, None] - pos[None, :] < window
+    scores = scores.masked_fill(~visible, float("-inf"))
+    probs = _apply(fn, "pattern", layer, torch.softmax(scores, dim=-1).to(v.dtype))
+    z = (probs @ v.repeat_interleave(group, dim=1)).transpose(1, 2).reshape(b, t, n_heads * d)
+    z = _apply(fn, "head", layer, z)
+    return _linear(attn.out_proj if spec.block == "parallel" else attn.o_proj, z)
+
+
+def _gated(mlp, x: torch.Tensor, act) -> torch.Tensor:
+    """The down-projection input ``act(gate(x)) * up(x)`` of a gated MLP."""
+    return act(_linear(mlp.gate_proj, x)) * _linear(mlp.up_proj, x)
+
+
+def _moe(mlp, config, x: torch.Tensor, act) -> torch.Tensor:
+    """Top-k routed experts (dense: every expert on every token, weight 0 unless routed),
+    plus Qwen2-MoE's sigmoid-gated shared expert."""
+    flat = x.reshape(-1, x.shape[-1])
+    probs = torch.softmax(F.linear(flat, mlp.gate.weight).float(), dim=-1)
+    top, chosen = probs.topk(config.num_experts_per_tok, dim=-1)
+    if config.model_type == "mixtral" or config.norm_topk_prob:
+        top = top / top.sum(-1, keepdim=True)
+    weights = torch.zeros_like(probs).scatter(1, chosen, top).to(x.dtype)  # [N, E]
+    experts = mlp.experts
+    width = experts.down_proj.shape[-1]
+    out = torch.zeros_like(flat)
+    for e in range(weights.shape[1]):
+        gate_up = F.linear(flat, experts.gate_up_proj[e])
+        h = act(gate_up[:, :width]) * gate_up[:, width:]
+        out = out + weights[:, e : e + 1] * F.linear(h, experts.down_proj[e])
+    if hasattr(mlp, "shared_expert"):
+        gate = torch.sigmoid(F.linear(flat, mlp.shared_expert_gate.weight))
+        shared = mlp.shared_expert
+        out = out + gate * _linear(shared.down_proj, _gated(shared, flat, act))
+    return out.reshape(x.shape)
+
+
+def _mlp(block, config, spec: Written, layer: int, x, fn: SiteFn) -> torch.Tensor:
+    """The MLP of one written-out layer (before any post-norm)."""
+    name = getattr(config, "hidden_activation", None) or getattr(config, "hidden_act", None)
+    act = ACTIVATIONS[name or config.activation_function]
+    mlp = block.mlp
+    if spec.mlp == "moe":
+        return _moe(mlp, config, x, act)
+    if spec.mlp == "gated":
+        return _linear(mlp.down_proj, _apply(fn, "neuron", layer, _gated(mlp, x, act)))
+    if spec.mlp == "gate_up":
+        gate, up = _linear(mlp.gate_up_proj, x).chunk(2, dim=-1)
+        return _linear(mlp.down_proj, _apply(fn, "neuron", layer, up * act(gate)))
+    h = _apply(fn, "neuron", layer, act(_linear(mlp.fc_in, x)))  # fc (GPT-J)
+    return _linear(mlp.fc_out, h)
+
+
+def _written_layer(hf: torch.nn.Module, block: torch.nn.Module, layer: int, fn: SiteFn):
+    """A replacement ``forward`` for decoder layer ``layer`` (see :class:`Written`)."""
+    config = hf.config.get_text_config()
+    spec = WRITTEN[hf.config.model_type]
+    eps = getattr(config, "rms_norm_eps", None)
+
+    def norm(name: str, x: torch.Tensor) -> torch.Tensor:
+        module = getattr(block, name)
+        if _replaced(module):
+            return module(x)
+        if isinstance(module, torch.nn.LayerNorm):
+            return F.layer_norm(x, module.normalized_shape, module.weight, module.bias, module.eps)
+        return _rms(x, module.weight, eps, spec.gemma)
+
+    def forward(hidden_states, *args, position_embeddings=None, **kwargs):
+        x = hidden_states
+        if spec.block == "parallel":
+            h = norm("ln_1", x)
+            a = _attention(block, config, spec, layer, h, position_embeddings, fn)
+            a = _apply(fn, "attn_out", layer, a)
+            m = _apply(fn, "mlp_out", layer, _mlp(block, config, spec, layer, h, fn))
+            return x + a + m
+        attn_in = x if spec.block == "post" else norm("input_layernorm", x)
+        a = _attention(block, config, spec, layer, attn_in, position_embeddings, fn)
+        if spec.block in ("sandwich", "post"):
+            a = norm("post_attention_layernorm", a)
+        x = x + _apply(fn, "attn_out", layer, a)
+        if spec.block == "pre":
+            m = _mlp(block, config, spec, layer, norm("post_attention_layernorm", x), fn)
+        elif spec.block == "sandwich":
+            m = _mlp(block, config, spec, layer, norm("pre_feedforward_layernorm", x), fn)
+        else:
+            m = _mlp(block, config, spec, layer, x, fn)
+        if spec.block in ("sandwich", "post"):
+            m = norm("post_feedforward_layernorm", m)
+        return x + _apply(fn, "mlp_out", layer, m)
+
+    return forward
+
+
+# --------------------------------------------------------------------------------------------
 # one instrumented forward pass
 # --------------------------------------------------------------------------------------------
 @contextlib.contextmanager
 def _instrumented(
     hf: torch.nn.Module, fn: SiteFn | None, drop_layer: int | None, grad: bool, eager: bool
 ) -> Iterator[None]:
-    paths = PATHS[hf.config.model_type]
+    written = hf.config.model_type in WRITTEN
     handles = []
     fn = fn or (lambda kind, layer, x: None)
 
@@ -195,9 +440,17 @@ def _instrumented(
     def grad_hook(module, args, output):
         return output.detach().requires_grad_(True)
 
-    for layer, block in enumerate(decoder_layers(hf)):
-        attn, mlp = getattr(block, paths.attn), getattr(block, paths.mlp)
+    blocks = list(decoder_layers(hf))
+    own_forwards = [block.__dict__.get("forward") for block in blocks]  # e.g. nnsight's
+    for layer, block in enumerate(blocks):
         handles.append(block.register_forward_pre_hook(resid_hook(layer), with_kwargs=True))
+        if layer == drop_layer:
+            handles.append(block.register_forward_hook(drop_hook, with_kwargs=True))
+        if written:
+            block.forward = _written_layer(hf, block, layer, fn)
+            continue
+        paths = PATHS[hf.config.model_type]
+        attn, mlp = getattr(block, paths.attn), getattr(block, paths.mlp)
         handles.append(
             getattr(attn, paths.out_proj).register_forward_pre_hook(input_hook("head", layer))
         )
@@ -206,18 +459,23 @@ def _instrumented(
             getattr(mlp, paths.down_proj).register_forward_pre_hook(input_hook("neuron", layer))
         )
         handles.append(mlp.register_forward_hook(mlp_out_hook(layer)))
-        if layer == drop_layer:
-            handles.append(block.register_forward_hook(drop_hook, with_kwargs=True))
     if grad:
         handles.append(hf.get_input_embeddings().register_forward_hook(grad_hook))
     previous = hf.config._attn_implementation
-    hf.set_attn_implementation(EAGER_NAME if eager else ATTN_NAME)
+    if not written:
+        hf.set_attn_implementation(EAGER_NAME if eager else ATTN_NAME)
     _ACTIVE.append(fn)
     try:
         yield
     finally:
         _ACTIVE.pop()
-        hf.set_attn_implementation(previous)
+        if not written:
+            hf.set_attn_implementation(previous)
+        for block, forward in zip(blocks, own_forwards, strict=True):
+            if written and forward is None:
+                del block.forward
+            elif written:
+                block.forward = forward
         for h in handles:
             h.remove()
 
@@ -233,7 +491,8 @@ def run(
 ) -> torch.Tensor:
     """Logits ``[1, T, vocab]`` of one prompt (1-D ids) with site callback ``fn``.
 
-    ``eager=True`` runs the written-out attention, which also reports ``pattern`` sites."""
+    ``eager=True`` runs the written-out attention, which also reports ``pattern`` sites
+    (written-out families always do)."""
     ctx = torch.enable_grad() if grad else torch.no_grad()
     with ctx, _instrumented(hf, fn, drop_layer, grad, eager):
         return hf(input_ids=ids[None], use_cache=False).logits

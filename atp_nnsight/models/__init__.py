@@ -4,17 +4,34 @@ from __future__ import annotations
 
 from typing import Any
 
-from atp_nnsight.models import gpt2, gpt_neox, llama
+from atp_nnsight.models import gemma2, gemma3, gpt2, gpt_neox, gptj, llama, moe, olmo2, phi3, qwen3
 from atp_nnsight.models.adapter import Adapter, AttentionCallNotFound
 
 FAMILIES = {
     "gpt2": gpt2.make_adapter,
     "gpt_neox": gpt_neox.make_adapter,
+    "gptj": gptj.make_adapter,
     "llama": llama.make_adapter,
     "mistral": llama.make_adapter,
     "qwen2": llama.make_adapter,
+    "qwen3": qwen3.make_adapter,
+    "gemma2": gemma2.make_adapter,
+    "gemma3_text": gemma3.make_adapter,
+    "gemma3": gemma3.make_multimodal_adapter,
+    "olmo2": olmo2.make_adapter,
+    "olmo3": olmo2.make_adapter,
+    "phi3": phi3.make_adapter,
+    "mixtral": moe.make_adapter,
+    "qwen2_moe": moe.make_adapter,
+    "olmoe": moe.make_adapter,
 }
 """``config.model_type`` → adapter factory."""
+
+FAMILY_NAMES = (
+    "GPT-2, GPT-NeoX/Pythia, GPT-J, Llama/Mistral/Qwen2/SmolLM2, Qwen3, Gemma 2, Gemma 3, "
+    "OLMo 2/3, Phi-3, Mixtral, Qwen2-MoE, OLMoE"
+)
+"""The supported families in words, for messages."""
 
 
 class UnsupportedArchitectureError(ValueError):
@@ -27,7 +44,7 @@ def adapter_for_config(config: Any) -> Adapter:
     if model_type not in FAMILIES:
         raise UnsupportedArchitectureError(
             f"unsupported architecture {model_type!r}; supported model types: "
-            f"{', '.join(sorted(FAMILIES))} (GPT-2, GPT-NeoX/Pythia, Llama/Mistral/Qwen2/SmolLM2)"
+            f"{', '.join(sorted(FAMILIES))} ({FAMILY_NAMES})"
         )
     return FAMILIES[model_type](config)
 

@@ -9,13 +9,20 @@ requires reads in execution order), and :meth:`Adapter.units` views a raw tensor
 kind        raw tensor (where it is read)                     units              feature
 ==========  ===============================================  =================  ==========
 resid       decoder layer input                               1                  d_model
-q           query at the attention call (post-rotary)         query heads        head_dim
+q           query at the attention call (post-norm, rotary)   query heads        head_dim
 k, v        key/value at the attention call (post-rotary k)   KV heads           head_dim
 head        output-projection input (per-head outputs)        query heads        head_dim
-attn_out    attention block output                            1                  d_model
+attn_out    the attention's residual write                    1                  d_model
 neuron      down-projection input (MLP activation)            d_mlp              1
-mlp_out     MLP block output                                  1                  d_model
+mlp_out     the MLP's residual write                          1                  d_model
 ==========  ===============================================  =================  ==========
+
+``attn_out`` and ``mlp_out`` are what is actually added to the residual stream: the attention
+(MLP) module's output, or, in families with norms *after* the block (Gemma 2/3's sandwich
+norms, OLMo 2/3's post-norms), that norm's output (``attn_write`` / ``mlp_write``). So a
+layer's output is always its input plus ``attn_out`` plus ``mlp_out``, sequential or parallel.
+Families may refuse node kinds they cannot read as a plain ``[batch, position, ...]`` tensor
+(``unsupported``: mixture-of-experts models refuse ``neuron``), with a message saying why.
 
 q/k/v are read at the *attention call*: the call inside the attention module's ``forward``
 that receives the query, key and value states (transformers 5.x: ``attention_interface(self,
@@ -126,14 +133,22 @@ def find_attention_call(source: Any, prefer: str | None, where: str) -> tuple[st
     what = "no call" if not candidates else f"several calls ({names})"
     raise AttentionCallNotFound(
         f"{where}: found {what} receiving query, key and value states in the attention "
-        "forward, so q/k/v nodes and the QK fix cannot be read; this model's attention code "
-        "is not supported by this version of atp_nnsight (report it with the versions above)"
+        "forward (looked for one call whose consecutive positional arguments are named like "
+        "query/q, key/k, value/v, as transformers' attention_interface(self, query_states, "
+        "key_states, value_states, attention_mask, scaling=...)), so q/k/v nodes and the QK "
+        "fix cannot be read; this model's attention code is not supported by this version of "
+        "atp_nnsight (report it with the versions above)"
     )
 
 
 class Adapter:
     """Module paths and sizes of one architecture family (see the family modules).
 
+    Paths are attribute paths: ``layers_path`` from the model, ``attn``/``mlp`` from a decoder
+    layer, ``out_proj`` from ``attn``, ``down_proj`` from ``mlp``. ``attn_write`` /
+    ``mlp_write``: the layer's post-norm whose output is the attention's / MLP's residual
+    write (None: the attention module's ``output[0]`` / the MLP's output). ``unsupported``:
+    node kind → why this family refuses it.
     ``attention_call``: the nnsight op name of the attention call found on the client's
     model (re-checked, and re-found if needed, against the model actually traced, e.g. on
     the server); ``attention_prefer`` disambiguates when several calls receive q, k, v.
@@ -156,6 +171,9 @@ class Adapter:
         d_model: int,
         d_mlp: int,
         parallel_residual: bool = False,
+        attn_write: str | None = None,
+        mlp_write: str | None = None,
+        unsupported: dict[str, str] | None = None,
         attention_prefer: str | None = None,
         where: str = "",
     ) -> None:
@@ -172,6 +190,9 @@ class Adapter:
         self.d_model = d_model
         self.d_mlp = d_mlp
         self.parallel_residual = parallel_residual
+        self.attn_write = attn_write
+        self.mlp_write = mlp_write
+        self.unsupported = dict(unsupported or {})
         self.attention_prefer = attention_prefer
         self.where = where or family
         self.attention_call: tuple[str, int] | None = None
@@ -185,8 +206,8 @@ class Adapter:
 
     # ---- sizes ---------------------------------------------------------------------------
     def n_units(self, kind: str) -> int:
-        """Number of nodes of ``kind`` per layer and position."""
-        return {
+        """Number of nodes of ``kind`` per layer and position (raises for refused kinds)."""
+        sizes = {
             "resid": 1,
             "q": self.n_heads,
             "k": self.n_kv_heads,
@@ -195,7 +216,14 @@ class Adapter:
             "attn_out": 1,
             "neuron": self.d_mlp,
             "mlp_out": 1,
-        }[kind]
+        }
+        if kind in self.unsupported:
+            supported = [k for k in sizes if k not in self.unsupported]
+            raise ValueError(
+                f"{self.family}: {kind!r} nodes are not supported ({self.unsupported[kind]}); "
+                f"supported node kinds for this model: {', '.join(supported)}"
+            )
+        return sizes[kind]
 
     @property
     def group_size(self) -> int:
@@ -214,9 +242,11 @@ class Adapter:
 
     def attention_source_op(self, model: Any, layer: int) -> Any:
         """The nnsight source op of ``layer``'s attention call (found once, then checked)."""
-        source = getattr(self.layer(model, layer), self.attn).source
+        attn = getattr(self.layer(model, layer), self.attn)
+        source = attn.source
         if self.attention_call is None or self.attention_call[0] not in source.names:
-            self.attention_call = find_attention_call(source, self.attention_prefer, self.where)
+            where = f"{self.where}, attention module {type(attn._module).__name__}"
+            self.attention_call = find_attention_call(source, self.attention_prefer, where)
         return getattr(source, self.attention_call[0])
 
     # ---- reads inside a trace --------------------------------------------------------------
@@ -259,11 +289,17 @@ class Adapter:
         if "head" in kinds:
             yield "head", getattr(attn, self.out_proj).input
         if "attn_out" in kinds:
-            yield "attn_out", attn.output[0]
+            if self.attn_write is None:
+                yield "attn_out", attn.output[0]
+            else:
+                yield "attn_out", getattr(block, self.attn_write).output
         if "neuron" in kinds:
             yield "neuron", getattr(mlp, self.down_proj).input
         if "mlp_out" in kinds:
-            yield "mlp_out", mlp.output
+            if self.mlp_write is None:
+                yield "mlp_out", mlp.output
+            else:
+                yield "mlp_out", getattr(block, self.mlp_write).output
 
     def read_layer(
         self, model: Any, layer: int, kinds: tuple[str, ...], attention: bool = False

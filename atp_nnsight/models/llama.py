@@ -8,6 +8,8 @@ applied before the attention call; Mistral (and Qwen2 with ``use_sliding_window`
 sliding-window mask/``sliding_window`` to the call; out projection ``self_attn.o_proj`` whose
 input width is ``n_heads * head_dim`` (not always ``hidden_size``); gated MLP
 ``act(gate_proj(x)) * up_proj(x)`` → ``down_proj``.
+
+Most later families share these module paths; their modules build on :func:`make_adapter`.
 """
 
 from __future__ import annotations
@@ -17,10 +19,11 @@ from typing import Any
 from atp_nnsight.models.adapter import Adapter
 
 
-def make_adapter(config: Any) -> Adapter:
+def make_adapter(config: Any, **overrides: Any) -> Adapter:
+    """The adapter of a Llama-style model; ``overrides`` replace :class:`Adapter` arguments."""
     n_heads = config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // n_heads
-    return Adapter(
+    arguments: dict[str, Any] = dict(
         family=config.model_type,
         layers_path="model.layers",
         attn="self_attn",
@@ -34,3 +37,4 @@ def make_adapter(config: Any) -> Adapter:
         d_model=config.hidden_size,
         d_mlp=config.intermediate_size,
     )
+    return Adapter(**{**arguments, **overrides})

@@ -1,12 +1,14 @@
 from __future__ import annotations
 
 import json
+import warnings
 from dataclasses import astuple
 
 import pandas as pd
 import pytest
 import torch
 
+from atp_nnsight.checks import PairWarning
 from atp_nnsight.data import (
     FIELDS,
     PromptPair,
@@ -233,6 +235,21 @@ def test_csv_keeps_leading_spaces_and_empty_cells(tmp_path):
     assert load_pairs(path) == [PromptPair("a", "", " c", " d")]
 
 
+def test_files_with_a_byte_order_mark_load(tmp_path):
+    """Excel's "CSV UTF-8" starts with a BOM (and uses CRLF); the header must still match."""
+    csv_path = tmp_path / "excel.csv"
+    pd.DataFrame([p.to_dict() for p in PAIRS]).to_csv(
+        csv_path, index=False, encoding="utf-8-sig", lineterminator="\r\n"
+    )
+    assert csv_path.read_bytes().startswith(b"\xef\xbb\xbfclean,")
+    assert load_pairs(csv_path) == PAIRS
+    jsonl_path = tmp_path / "bom.jsonl"
+    jsonl_path.write_text(
+        "".join(json.dumps(p.to_dict()) + "\n" for p in PAIRS), encoding="utf-8-sig"
+    )
+    assert load_pairs(jsonl_path) == PAIRS
+
+
 # ------------------------------------------------------------------------------------------
 # tokenization
 # ------------------------------------------------------------------------------------------
@@ -400,3 +417,36 @@ def test_subset(tokenizer):
     assert [g.indices for g in sub.by_length()] == [[0], [1], [2]]
     with pytest.raises(IndexError, match=r"\[6\] out of range for 6 pairs"):
         tp.subset([0, 6])
+
+
+# ---- leading spaces of targets (warnings) ------------------------------------------------
+
+
+def test_target_without_its_leading_space_warns(tokenizer):
+    pairs = [
+        PromptPair("When Mary and John went to the store, John gave a drink to",
+                   "When Mary and John went to the store, Mary gave a drink to",
+                   "Mary", " John"),
+    ]  # fmt: skip
+    with pytest.warns(PairWarning) as record:
+        tokenize_pairs(pairs, tokenizer)
+    message = str(record[0].message)
+    assert message.startswith("pair 0 clean_target 'Mary' has no leading space")
+    assert "use ' Mary'" in message and "noise_target" not in message
+
+
+def test_target_with_a_space_after_a_prompt_ending_in_one_warns(tokenizer):
+    pairs = [PromptPair("The capital of France is ", "The capital of Italy is ", " Paris", "Rome")]
+    with pytest.warns(PairWarning, match="pair 0 clean_target ' Paris' starts with a space"):
+        tokenize_pairs(pairs, tokenizer)
+
+
+def test_well_spaced_and_non_word_targets_do_not_warn(tokenizer):
+    pairs = [
+        PromptPair("The capital of France is", "The capital of Italy is", " Paris", " Rome"),
+        PromptPair("The capital of France is ", "The capital of Italy is ", "Paris", "Rome"),
+        PromptPair("One plus one is", "Two plus two is", "2", "4"),
+    ]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        tokenize_pairs(pairs, tokenizer)

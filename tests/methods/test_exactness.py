@@ -139,21 +139,45 @@ def test_graddrop_differs_from_atp_with_indirect_paths():
     assert gd.mean_effect is None and atp.mean_effect is not None
 
 
-def test_bf16_model_accumulates_in_float32():
-    pairs = _pairs(3, 6, seed=7)
-    ref = attribute(
-        _wrap(tiny_hf_model("llama", seed=8)),
-        pairs,
-        "head,q,k,v,neuron",
-        method="atp*",
-        progress=False,
-    )
-    low = attribute(
-        _wrap(tiny_hf_model("llama", seed=8, dtype=torch.bfloat16)),
-        pairs,
-        "head,q,k,v,neuron",
-        method="atp*",
-        progress=False,
-    )
-    assert low.per_pair.dtype == np.float32 and np.isfinite(low.per_pair).all()
-    assert np.corrcoef(low.scores, ref.scores)[0, 1] > 0.95
+def bf16_cancellation_model() -> TransformersModel:
+    """A bf16 model whose metric is linear in the embedding of the last token, built so that the
+    AtP estimate of ``resid`` at layer 0 is exactly 1 but is 0 if formed in bf16.
+
+    Layer 0 writes nothing (zero output projections) and the final norm is the identity, so
+    ``M = h[0] - h[1]`` at the last position (``W_U[w7] = e0``, ``W_U[w8] = e1``) and the
+    gradient there is ``(1, -1, 0, ...)``. The last clean token embeds as ``(-1, 0, ...)`` and
+    the last noise token as ``(256, 256, ...)``, so ``delta = (257, 256, 0, ...)`` and
+    ``delta · grad = 257 - 256 = 1``. bf16 has 8 significant bits: ``257`` rounds to ``256``
+    (in the difference or in the product), and the estimate collapses to 0.
+    """
+    hf = tiny_hf_model("llama", n_layers=1, seed=9)
+    block = hf.model.layers[0]
+    block.self_attn.o_proj.weight.zero_()
+    block.mlp.down_proj.weight.zero_()
+    hf.model.norm = torch.nn.Identity()
+    embed, unembed = hf.model.embed_tokens.weight, hf.lm_head.weight
+    embed[3] = 0.0
+    embed[3, 0] = -1.0  # last clean token, w3
+    embed[6] = 0.0
+    embed[6, :2] = 256.0  # last noise token, w6
+    unembed[7] = 0.0
+    unembed[7, 0] = 1.0  # clean target, w7
+    unembed[8] = 0.0
+    unembed[8, 1] = 1.0  # noise target, w8
+    return _wrap(hf.to(torch.bfloat16))
+
+
+@pytest.mark.parametrize("per_position", [False, True])
+def test_bf16_model_estimates_are_formed_in_float32(per_position):
+    """The case loses its whole answer (1 -> 0) if differences, products or sums are formed in
+    bf16; the float32 estimate is exact, and equals exact patching (the model is linear)."""
+    model = bf16_cancellation_model()
+    pairs = [PromptPair("w1 w2 w3", "w4 w5 w6", " w7", " w8")]
+    kwargs = dict(layers=[0], per_position=per_position, progress=False)
+    est = attribute(model, pairs, "resid", method="atp", **kwargs)
+    truth = patch(model, pairs, "resid", **kwargs)
+    assert est.per_pair.dtype == np.float32
+    expected = np.zeros((1, len(est)), dtype=np.float32)
+    expected[0, -1] = 1.0  # the node summed over positions, or the last position
+    np.testing.assert_array_equal(est.per_pair, expected)
+    np.testing.assert_array_equal(truth.per_pair, expected)
