@@ -21,14 +21,14 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import matplotlib
 import numpy as np
 import pandas as pd
 from matplotlib.ticker import FuncFormatter, MaxNLocator
 
-from atp_nnsight.types import NODE_KINDS
+from atp_nnsight.types import NODE_KINDS, Node
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -40,11 +40,18 @@ __all__ = [
     "agg_figures",
     "head_heatmap",
     "layer_position_matrix",
+    "layer_position_nodes",
     "layer_unit_matrix",
+    "layer_unit_nodes",
+    "method_label",
     "position_heatmap",
     "recall_curve",
     "scatter_vs_exact",
-    "method_label",
+    "sign_agrees",
+    "top_units_by_position",
+    "unit_position_matrix",
+    "verification_depth",
+    "within_kind_rank",
 ]
 
 STYLE: dict[str, Any] = {
@@ -80,7 +87,8 @@ _UNIT_NAMES = {
     "v": "KV head",
     "neuron": "neuron",
 }
-_KIND_COLORS = dict(zip(NODE_KINDS, matplotlib.colormaps["tab10"].colors, strict=False))
+KIND_COLORS = dict(zip(NODE_KINDS, matplotlib.colormaps["tab10"].colors, strict=False))
+"""One colour per node kind (RGB tuples), shared by every plot."""
 _METHOD_COLORS = {
     "atp*": "#d62728",
     "atp": "#1f77b4",
@@ -184,6 +192,44 @@ def _nan_abs_sum(values: np.ndarray, groups: np.ndarray, n_groups: int) -> np.nd
     return np.where(seen, total, np.nan)
 
 
+def _largest_abs_member(values: np.ndarray, groups: np.ndarray, n_groups: int) -> np.ndarray:
+    """Per group, the position in ``values`` of its largest finite ``|value|``; -1 if none."""
+    finite = np.flatnonzero(np.isfinite(values))
+    order = finite[np.lexsort((np.abs(values[finite]), groups[finite]))]  # group, then |value|
+    g = groups[order]
+    last = np.r_[g[1:] != g[:-1], True] if len(g) else np.zeros(0, dtype=bool)
+    out = np.full(n_groups, -1, dtype=np.int64)
+    out[g[last]] = order[last]
+    return out
+
+
+class _Grid(NamedTuple):
+    """Where one kind's nodes sit in a ``layers x columns`` grid."""
+
+    rows: np.ndarray  # the kind's rows of the node table
+    cell: np.ndarray  # their flat cell index, row-major
+    layers: list[int]  # the grid's rows
+    n_columns: int
+    per_position: bool
+
+    @property
+    def size(self) -> int:
+        return len(self.layers) * self.n_columns
+
+
+def _unit_grid(result: Attribution, kind: str) -> _Grid:
+    """``layers x units`` (all positions of a unit share its cell)."""
+    mask = _check_kind(result, kind)
+    rows = np.flatnonzero(mask)
+    nodes = result.nodes.iloc[rows]
+    layer = nodes["layer"].to_numpy(dtype=np.int64)
+    unit = nodes["index"].to_numpy(dtype=np.int64)
+    layers = sorted(set(layer.tolist()))
+    n_units = int(unit.max()) + 1
+    cell = np.searchsorted(np.asarray(layers), layer) * n_units + unit
+    return _Grid(rows, cell, layers, n_units, _is_per_position(result, mask))
+
+
 def layer_unit_matrix(
     result: Attribution, kind: str = "head", value: str | np.ndarray = "score"
 ) -> tuple[np.ndarray, list[int], bool]:
@@ -195,22 +241,50 @@ def layer_unit_matrix(
     is True.
     """
     vals, _, _ = _values(result, value)
-    mask = _check_kind(result, kind)
-    per_pos = _is_per_position(result, mask)
-    nodes = result.nodes[mask]
-    layer = nodes["layer"].to_numpy(dtype=np.int64)
-    unit = nodes["index"].to_numpy(dtype=np.int64)
-    layers = sorted(set(layer.tolist()))
-    row = np.searchsorted(np.asarray(layers), layer)
-    n_units = int(unit.max()) + 1
-    flat = row * n_units + unit
-    v = vals[mask]
-    if per_pos:
-        mat = _nan_abs_sum(v, flat, len(layers) * n_units)
+    grid = _unit_grid(result, kind)
+    if grid.per_position:
+        mat = _nan_abs_sum(vals[grid.rows], grid.cell, grid.size)
     else:
-        mat = np.full(len(layers) * n_units, np.nan)
-        mat[flat] = v
-    return mat.reshape(len(layers), n_units), layers, per_pos
+        mat = np.full(grid.size, np.nan)
+        mat[grid.cell] = vals[grid.rows]
+    return mat.reshape(len(grid.layers), grid.n_columns), grid.layers, grid.per_position
+
+
+def layer_unit_nodes(
+    result: Attribution, kind: str = "head", value: str | np.ndarray = "score"
+) -> np.ndarray:
+    """The node (row of the node table) behind each cell of :func:`layer_unit_matrix`.
+
+    Summed over positions a cell is one node; per position it is the position with the
+    largest finite ``|value|``. ``-1`` where a cell has no node (or only NaN values).
+    """
+    vals, _, _ = _values(result, value)
+    return _cell_nodes(vals, _unit_grid(result, kind))
+
+
+def _cell_nodes(vals: np.ndarray, grid: _Grid) -> np.ndarray:
+    member = _largest_abs_member(vals[grid.rows], grid.cell, grid.size)
+    nodes = np.where(member >= 0, grid.rows[np.maximum(member, 0)], -1)
+    return nodes.reshape(len(grid.layers), grid.n_columns)
+
+
+def _position_grid(result: Attribution, kind: str) -> _Grid:
+    """``layers x positions`` (all units of a layer at one position share a cell)."""
+    mask = _check_kind(result, kind)
+    if not _is_per_position(result, mask):
+        raise ValueError(
+            f"position heatmap needs a per-position result, but the {kind!r} nodes of this "
+            f"{method_label(result.method)} result are summed over positions (position = NA); "
+            "rerun with per_position=True (CLI: --per-position), or use head_heatmap"
+        )
+    rows = np.flatnonzero(mask)
+    nodes = result.nodes.iloc[rows]
+    layer = nodes["layer"].to_numpy(dtype=np.int64)
+    pos = nodes["position"].to_numpy(dtype=np.int64)
+    layers = sorted(set(layer.tolist()))
+    n_pos = max(int(pos.max()) + 1, int(result.metadata.get("seq_len") or 0))
+    cell = np.searchsorted(np.asarray(layers), layer) * n_pos + pos
+    return _Grid(rows, cell, layers, n_pos, True)
 
 
 def layer_position_matrix(
@@ -222,40 +296,32 @@ def layer_position_matrix(
     """The ``layers x positions`` matrix a :func:`position_heatmap` draws.
 
     ``agg="max"`` keeps, per (layer, position), the value of the unit with the largest ``|value|``
-    (its sign is kept); ``agg="sum"`` sums the units' values (for signed effects: the first-order
-    effect of patching every unit at that position together). Cells with no finite value are
-    NaN. Raises ``ValueError`` for results summed over positions.
+    (its sign is kept; :func:`layer_position_nodes` names that unit); ``agg="sum"`` sums the
+    units' values (for signed effects: the first-order effect of patching every unit at that
+    position together). Cells with no finite value are NaN. Raises ``ValueError`` for results
+    summed over positions.
     """
     if agg not in ("max", "sum"):
         raise ValueError(f"unknown agg {agg!r}; use 'max' (largest |value| over units) or 'sum'")
     vals, _, _ = _values(result, value)
-    mask = _check_kind(result, kind)
-    if not _is_per_position(result, mask):
-        raise ValueError(
-            f"position heatmap needs a per-position result, but the {kind!r} nodes of this "
-            f"{method_label(result.method)} result are summed over positions (position = NA); "
-            "rerun with per_position=True (CLI: --per-position), or use head_heatmap"
-        )
-    nodes = result.nodes[mask]
-    layer = nodes["layer"].to_numpy(dtype=np.int64)
-    pos = nodes["position"].to_numpy(dtype=np.int64)
-    layers = sorted(set(layer.tolist()))
-    n_pos = max(int(pos.max()) + 1, int(result.metadata.get("seq_len") or 0))
-    cell = np.searchsorted(np.asarray(layers), layer) * n_pos + pos
-    v = vals[mask]
-    size = len(layers) * n_pos
-    finite = np.isfinite(v)
-    seen = np.bincount(cell[finite], minlength=size) > 0
+    grid = _position_grid(result, kind)
+    v, cell, size = vals[grid.rows], grid.cell, grid.size
     if agg == "sum":
-        out = np.bincount(cell[finite], v[finite], minlength=size)
+        finite = np.isfinite(v)
+        seen = np.bincount(cell[finite], minlength=size) > 0
+        out = np.where(seen, np.bincount(cell[finite], v[finite], minlength=size), np.nan)
     else:
-        out = np.zeros(size)
-        c, a = cell[finite], v[finite]
-        order = np.lexsort((np.abs(a), c))  # by cell, then |value| ascending
-        c, a = c[order], a[order]
-        last = np.r_[c[1:] != c[:-1], True]  # the largest |value| of each cell
-        out[c[last]] = a[last]
-    return np.where(seen, out, np.nan).reshape(len(layers), n_pos), layers
+        member = _largest_abs_member(v, cell, size)
+        out = np.where(member >= 0, v[np.maximum(member, 0)], np.nan)
+    return out.reshape(len(grid.layers), grid.n_columns), grid.layers
+
+
+def layer_position_nodes(
+    result: Attribution, kind: str, value: str | np.ndarray = "score"
+) -> np.ndarray:
+    """The node behind each cell of ``layer_position_matrix(..., agg="max")``; -1 if none."""
+    vals, _, _ = _values(result, value)
+    return _cell_nodes(vals, _position_grid(result, kind))
 
 
 # ---- figure helpers ----------------------------------------------------------------------------
@@ -362,16 +428,28 @@ def _value_label(result: Attribution, value: str | np.ndarray, label: str) -> st
 
 
 # ---- plots -------------------------------------------------------------------------------------
-def _pool_columns(matrix: np.ndarray, block: int) -> np.ndarray:
-    """Columns pooled in blocks of ``block``: the entry with the largest ``|value|`` (sign kept)."""
+def pool_columns(matrix: np.ndarray, block: int) -> tuple[np.ndarray, np.ndarray]:
+    """Columns pooled in blocks of ``block``: the entry with the largest ``|value|`` (sign kept).
+
+    Returns ``(pooled, source)``: ``source[r, b]`` is the column of ``matrix`` that block ``b``
+    of row ``r`` shows, ``-1`` where the whole block is NaN.
+    """
     n_rows, n_cols = matrix.shape
     n_blocks = -(-n_cols // block)
     padded = np.full((n_rows, n_blocks * block), np.nan)
     padded[:, :n_cols] = matrix
     blocks = padded.reshape(n_rows, n_blocks, block)
     mag = np.where(np.isfinite(blocks), np.abs(blocks), -1.0)
-    best = np.take_along_axis(blocks, mag.argmax(axis=2)[..., None], axis=2)[..., 0]
-    return np.where((mag >= 0).any(axis=2), best, np.nan)
+    pick = mag.argmax(axis=2)
+    best = np.take_along_axis(blocks, pick[..., None], axis=2)[..., 0]
+    seen = (mag >= 0).any(axis=2)
+    source = np.where(seen, pick + block * np.arange(n_blocks), -1)
+    return np.where(seen, best, np.nan), source
+
+
+def column_block(n_units: int, max_columns: int) -> int:
+    """Units per pooled column so that at most ``max_columns`` columns are drawn."""
+    return max(1, -(-n_units // max(1, max_columns)))
 
 
 def head_heatmap(
@@ -401,8 +479,8 @@ def head_heatmap(
         label = _value_label(result, value, label)
     unit = _UNIT_NAMES.get(kind, "unit")
     n_layers, n_units = matrix.shape
-    block = max(1, -(-n_units // max(1, max_columns)))
-    shown = _pool_columns(matrix, block) if block > 1 else matrix
+    block = column_block(n_units, max_columns)
+    shown = pool_columns(matrix, block)[0] if block > 1 else matrix
     with matplotlib.rc_context(STYLE):
         figsize = (
             float(np.clip(2.6 + 0.3 * shown.shape[1], 4.5, 12)),
@@ -527,6 +605,11 @@ def _exact_effects(
     return est_idx, np.asarray(exact.mean_effect, dtype=np.float64)[ex_idx], "exact"
 
 
+def sign_agrees(estimate: np.ndarray, exact: np.ndarray) -> np.ndarray:
+    """Per node: the estimate and the exact effect have the same sign (zero counts as its own)."""
+    return np.sign(np.asarray(estimate)) == np.sign(np.asarray(exact))
+
+
 def scatter_vs_exact(
     estimate: Attribution,
     exact: Attribution | Mapping[str, Any] | None = None,
@@ -576,7 +659,7 @@ def scatter_vs_exact(
                 s=14,
                 alpha=0.75,
                 linewidths=0,
-                color=_KIND_COLORS[kind],
+                color=KIND_COLORS[kind],
                 label=f"{kind} ({int(sel.sum())})",
             )
         lo = float(min(x.min(), y.min()))
@@ -591,18 +674,16 @@ def scatter_vs_exact(
         ax.set_xlim(lo - pad, hi + pad)
         ax.set_ylim(lo - pad, hi + pad)
         _annotate_outliers(ax, x, y, [str(estimate.node(int(i))) for i in idx], annotate)
+        stats = [f"n = {len(x)}"]
         if len(x) > 2 and np.std(x) > 0 and np.std(y) > 0:
             r = float(np.corrcoef(x, y)[0, 1])
             rho = float(pd.Series(x).rank().corr(pd.Series(y).rank()))
-            ax.text(
-                0.02,
-                0.98,
-                f"n = {len(x)}\nPearson r = {r:.3f}\nSpearman ρ = {rho:.3f}",
-                transform=ax.transAxes,
-                va="top",
-                fontsize=7,
-                color="0.25",
-            )
+            stats += [f"Pearson r = {r:.3f}", f"Spearman ρ = {rho:.3f}"]
+        if value == "signed":
+            stats.append(f"sign agrees: {int(sign_agrees(x, y).sum())} of {len(x)}")
+        ax.text(
+            0.02, 0.98, "\n".join(stats), transform=ax.transAxes, va="top", fontsize=7, color="0.25"
+        )
         if value == "signed":
             ax.set_xlabel(f"{name} estimate, signed mean over pairs")
             ax.set_ylabel(f"{truth} mean effect")
@@ -652,6 +733,169 @@ def _annotate_outliers(
                 break
 
 
+# ---- verification depth ------------------------------------------------------------------------
+def within_kind_rank(result: Attribution) -> np.ndarray:
+    """Per node, its rank (1 = best) among the nodes of its kind, in :meth:`ranking` order."""
+    order = result.ranking()
+    kinds = result.nodes["kind"].to_numpy(dtype=str)[order]
+    rank = np.empty(len(result), dtype=np.int64)
+    for kind in np.unique(kinds):
+        sel = kinds == kind
+        rank[order[sel]] = np.arange(1, int(sel.sum()) + 1)
+    return rank
+
+
+def log_spaced_ranks(n: int, points: int = 200) -> np.ndarray:
+    """At most ``points`` 1-based ranks from 1 to ``n``, log-spaced (all of them when few)."""
+    if n <= points:
+        return np.arange(1, n + 1)
+    return np.unique(np.geomspace(1, n, num=points).round().astype(np.int64))
+
+
+def verification_depth(
+    result: Attribution,
+    *,
+    bound: float | None = None,
+    theta: float | None = None,
+    max_columns: int = 3,
+) -> Figure:
+    """How far down each kind's ranking verification went: one panel per verified kind.
+
+    x = rank within the kind (log scale, 1 = best). The grey line is the method's score at
+    each rank (the ranking verification walked down); dots are the verified nodes' exact
+    ``|mean effect|``; the dashed line marks the deepest verified rank. Nodes right of it were
+    never patched. ``bound`` (the false-negative diagnostic's upper bound on any unverified
+    ``|effect|``) and ``theta`` (the effect size that matters) are drawn as horizontal lines.
+    Needs ``result.metadata["verified"]``.
+    """
+    verified, _, _ = _values(result, "verified")  # NaN where not verified
+    idx = np.flatnonzero(np.isfinite(verified))
+    effect = verified[idx]
+    kinds = result.nodes["kind"].to_numpy(dtype=str)
+    rank = within_kind_rank(result)
+    panels = [k for k in NODE_KINDS if k in set(kinds[idx])]
+    name = method_label(result.method)
+    with matplotlib.rc_context(STYLE):
+        ncols = min(len(panels), max_columns)
+        nrows = -(-len(panels) // ncols)
+        fig = _new_figure((3.4 * ncols + 0.4, 2.9 * nrows + 0.6))
+        grid = fig.subplots(nrows, ncols, squeeze=False)
+        for extra in grid.ravel()[len(panels) :]:
+            extra.remove()
+        for kind, ax in zip(panels, grid.ravel(), strict=False):
+            of_kind = np.flatnonzero(kinds == kind)
+            curve = np.sort(result.scores[of_kind])[::-1]
+            at = log_spaced_ranks(len(curve))
+            ax.plot(at, curve[at - 1], color="0.55", lw=1.2, label=f"{name} score")
+            sel = kinds[idx] == kind
+            deepest = int(rank[idx[sel]].max())
+            ax.scatter(
+                rank[idx[sel]],
+                np.abs(effect[sel]),
+                s=16,
+                color=KIND_COLORS[kind],
+                zorder=3,
+                label="|exact effect|",
+            )
+            ax.axvline(deepest, color="0.3", ls="--", lw=0.8)
+            if bound is not None:
+                ax.axhline(bound, color="#d62728", lw=0.9, label="diagnostic bound (unverified)")
+            if theta is not None:
+                ax.axhline(theta, color="#d62728", ls=":", lw=0.9, label="θ (effect that matters)")
+            ax.set_xscale("log")
+            _plain_log_labels(ax.xaxis)
+            ax.set_title(f"{kind}: verified {int(sel.sum())}, to rank {deepest} of {len(of_kind)}")
+            ax.set_xlabel(f"rank among {kind} nodes")
+            ax.grid(True, which="major", color="0.92", lw=0.6)
+        grid[0][0].set_ylabel("score · |exact mean effect|")
+        grid[0][0].legend(loc="upper right")
+        fig.suptitle(f"How far down verification went — {name}\n{_subtitle(result)}")
+    return fig
+
+
+# ---- per-position views ------------------------------------------------------------------------
+def unit_position_matrix(
+    result: Attribution, n_top: int = 12, value: str = "auto"
+) -> tuple[np.ndarray, list[str], np.ndarray, bool]:
+    """The top units' values at each position of a per-position result.
+
+    A unit is ``(kind, layer, index)`` (a head, a KV head, a neuron, ...); units are ranked by
+    their best score over positions and the ``n_top`` best kept. ``value="auto"`` is the
+    signed mean estimate when the method has one (else the score); ``"score"`` or
+    ``"mean_effect"`` pick one. Returns ``(matrix [units, positions], unit labels, node rows
+    [units, positions] (-1 where none), signed)``.
+    """
+    if value == "auto":
+        value = "score" if result.mean_effect is None else "mean_effect"
+    vals, signed, _ = _values(result, value)
+    has_pos = result.nodes["position"].notna().to_numpy()
+    if not has_pos.any():
+        raise ValueError(
+            "per-position view needs a per-position result (rerun with per_position=True, CLI "
+            "--per-position); this one is summed over positions"
+        )
+    rows = np.flatnonzero(has_pos)
+    nodes = result.nodes.iloc[rows]
+    keys = list(zip(nodes["kind"].astype(str), nodes["layer"], nodes["index"], strict=True))
+    unit_of, _ = pd.factorize(pd.Series(keys))
+    best = np.full(unit_of.max() + 1, -np.inf)
+    np.maximum.at(best, unit_of, np.nan_to_num(result.scores[rows], nan=-np.inf))
+    top = np.argsort(-best, kind="stable")[:n_top]
+    first = [int(np.flatnonzero(unit_of == u)[0]) for u in top]
+    n_pos = max(int(nodes["position"].max()) + 1, int(result.metadata.get("seq_len") or 0))
+    which = np.full((len(top), n_pos), -1, dtype=np.int64)
+    slot = np.full(len(best), -1, dtype=np.int64)
+    slot[top] = np.arange(len(top))
+    keep = slot[unit_of] >= 0
+    which[slot[unit_of[keep]], nodes["position"].to_numpy(dtype=np.int64)[keep]] = rows[keep]
+    matrix = np.where(which >= 0, vals[np.maximum(which, 0)], np.nan)
+    labels = [str(Node(str(k), int(la), int(i))) for k, la, i in (keys[j] for j in first)]
+    return matrix, labels, which, signed
+
+
+def top_units_by_position(
+    result: Attribution,
+    tokens: Sequence[str] | None = None,
+    *,
+    n_top: int = 12,
+    value: str = "auto",
+    ax: Axes | None = None,
+    title: str | None = None,
+) -> Figure:
+    """Heatmap of the ``n_top`` best units (rows) at every position (columns).
+
+    See :func:`unit_position_matrix` for the units and values: signed estimates use a diverging
+    colormap centred at 0, scores a sequential one. ``tokens`` (one per position, e.g. the
+    clean prompt's tokens) label the x axis.
+    """
+    matrix, labels, _, signed = unit_position_matrix(result, n_top, value)
+    n_units, n_pos = matrix.shape
+    if tokens is not None and len(tokens) != n_pos:
+        raise ValueError(f"got {len(tokens)} tokens for {n_pos} positions; pass one per position")
+    label = "mean estimate (signed)" if signed else _value_label(result, "score", "score")
+    with matplotlib.rc_context(STYLE):
+        figsize = (
+            float(np.clip(3.6 + 0.32 * n_pos, 5.0, 14)),
+            float(np.clip(1.8 + 0.24 * n_units, 3.0, 9)),
+        )
+        fig, ax = _figure(ax, figsize)
+        _heat(fig, ax, matrix, signed, label)
+        ax.set_yticks(np.arange(n_units), labels)
+        if tokens is not None:
+            ax.set_xticks(np.arange(n_pos), [_token_label(t) for t in tokens], rotation=90)
+            ax.set_xlabel("clean prompt token (position 0 = first)")
+        else:
+            _ticks(ax, "x", list(range(n_pos)))
+            ax.set_xlabel("position (0 = first token)")
+        if title is None:
+            title = (
+                f"{method_label(result.method)}: top {n_units} units by position\n"
+                f"{_subtitle(result)}"
+            )
+        ax.set_title(title)
+    return fig
+
+
 # ---- cost of verified recall -------------------------------------------------------------------
 _X_COLUMNS = ("x", "n_recalled", "recalled", "top_x")
 _COST_COLUMNS = ("cost", "forward_passes")
@@ -665,7 +909,7 @@ def _pick(df: pd.DataFrame, names: Sequence[str], what: str) -> str:
     raise ValueError(f"curves need a {what} column (one of {', '.join(names)}); got {list(df)}")
 
 
-def _curves_frame(curves: pd.DataFrame | Mapping[str, Any]) -> pd.DataFrame:
+def curves_frame(curves: pd.DataFrame | Mapping[str, Any]) -> pd.DataFrame:
     """Long frame ``method, x, cost[, kind][, cost_lo, cost_hi]``."""
     if isinstance(curves, Mapping):
         parts = []
@@ -734,7 +978,7 @@ def recall_curve(
     """
     from matplotlib.colors import to_hex
 
-    df = _curves_frame(curves)
+    df = curves_frame(curves)
     df = df[np.isfinite(df["x"]) & np.isfinite(df["cost"]) & (df["x"] > 0) & (df["cost"] > 0)]
     if df.empty:
         raise ValueError("no positive, finite (x, cost) points to draw on log-log axes")

@@ -432,3 +432,139 @@ def test_head_heatmap_pools_many_units_without_losing_large_values():
     np.testing.assert_allclose(image_array(fig), expected)
     assert "blocks of 2" in fig.axes[0].get_xlabel() and "blocks of 2" in fig.axes[0].get_title()
     render(fig)
+
+
+# ---- the node behind each cell -----------------------------------------------------------------
+def test_layer_unit_nodes_name_the_node_of_each_cell():
+    r = make()
+    nodes = plots.layer_unit_nodes(r, "k")
+    table = r.nodes
+    for row, layer in enumerate(LAYERS):
+        for unit in range(N_KV):
+            i = nodes[row, unit]
+            assert (table.loc[i, "kind"], table.loc[i, "layer"], table.loc[i, "index"]) == (
+                "k",
+                layer,
+                unit,
+            )
+
+
+def test_layer_unit_nodes_per_position_pick_the_largest_position():
+    r = make(per_position=True)
+    vals = r.scores.copy()
+    head = np.flatnonzero((r.nodes["kind"] == "head").to_numpy())
+    vals[head[0]] = 1e6  # layer 0, head 0, position 0 beats positions 1 and 2
+    nodes = plots.layer_unit_nodes(r, "head", vals)
+    assert nodes[0, 0] == head[0]
+    assert r.nodes.loc[nodes[1, 2], "position"] == SEQ - 1  # value grows with the position
+    vals[head[:SEQ]] = np.nan  # every position of layer 0, head 0 unknown
+    assert plots.layer_unit_nodes(r, "head", vals)[0, 0] == -1
+
+
+def test_layer_position_nodes_match_the_max_matrix():
+    r = make(per_position=True)
+    matrix, layers = plots.layer_position_matrix(r, "k", "mean_effect")
+    nodes = plots.layer_position_nodes(r, "k", "mean_effect")
+    np.testing.assert_allclose(r.mean_effect[nodes], matrix)
+    assert all(r.nodes.loc[nodes[i, p], "position"] == p for i in range(3) for p in range(SEQ))
+
+
+def test_pool_columns_reports_the_source_column():
+    m = np.array([[1.0, -5.0, 2.0, np.nan, np.nan], [0.0, 1.0, np.nan, 3.0, -4.0]])
+    pooled, source = plots.pool_columns(m, 2)
+    np.testing.assert_allclose(pooled, [[-5.0, 2.0, np.nan], [1.0, 3.0, -4.0]])
+    np.testing.assert_array_equal(source, [[1, 2, -1], [1, 3, 4]])
+    assert plots.column_block(1536, 256) == 6 and plots.column_block(9, 256) == 1
+
+
+# ---- verification depth ------------------------------------------------------------------------
+def verified_result() -> Attribution:
+    r = make()
+    order = r.ranking()
+    kinds = r.nodes["kind"].to_numpy()
+    top = [int(i) for i in order if kinds[i] == "head"][:3] + [
+        int(i) for i in order if kinds[i] == "k"
+    ][:2]
+    r.metadata["verified"] = {"order": top, "mean_effect": [3.0, -2.0, 1.0, 0.5, -0.25]}
+    return r
+
+
+def test_within_kind_rank_counts_within_each_kind():
+    r = make()
+    rank = plots.within_kind_rank(r)
+    for kind in ("head", "k"):
+        sel = (r.nodes["kind"] == kind).to_numpy()
+        order = np.argsort(-r.scores[sel], kind="stable")
+        np.testing.assert_array_equal(rank[sel][order], np.arange(1, sel.sum() + 1))
+
+
+def test_verification_depth_draws_scores_exact_effects_and_the_deepest_rank():
+    r = verified_result()
+    fig = plots.verification_depth(r, bound=0.4, theta=0.3)
+    axes = fig.axes
+    assert [a.get_title() for a in axes] == [
+        "k: verified 2, to rank 2 of 6",
+        "head: verified 3, to rank 3 of 12",
+    ]
+    head = axes[1]
+    score_line = head.lines[0]
+    np.testing.assert_allclose(
+        score_line.get_ydata(), np.sort(r.scores[(r.nodes["kind"] == "head").to_numpy()])[::-1]
+    )
+    points = sorted(map(tuple, np.asarray(head.collections[0].get_offsets())))
+    assert points == [(1, 3), (2, 2), (3, 1)]  # (rank among heads, |exact|)
+    ys = sorted(
+        line.get_ydata()[0] for line in head.lines[1:] if line.get_ydata()[0] == line.get_ydata()[1]
+    )
+    xs = [
+        line.get_xdata()[0] for line in head.lines[1:] if line.get_xdata()[0] == line.get_xdata()[1]
+    ]
+    assert 3 in xs and ys == [0.3, 0.4]
+    assert head.get_xscale() == "log"
+    render(fig)
+
+
+def test_verification_depth_needs_verified_nodes():
+    with pytest.raises(ValueError, match="no verified nodes"):
+        plots.verification_depth(make())
+
+
+# ---- per-position views ------------------------------------------------------------------------
+def test_unit_position_matrix_keeps_the_best_units_with_signed_estimates():
+    r = make(per_position=True)
+    matrix, labels, nodes, signed = plots.unit_position_matrix(r, n_top=3)
+    # a unit's best score: 1.25 |100 l + 10 u + p| at p = 2; ties (head L2.H1, k L2.K1) keep
+    # the node-table order
+    assert signed and labels == ["head L2.H3", "head L2.H2", "head L2.H1"]
+    np.testing.assert_allclose(matrix[0], [1.25 * (230 + p) for p in range(SEQ)])
+    np.testing.assert_allclose(matrix[1], [1.25 * (220 + p) for p in range(SEQ)])
+    np.testing.assert_allclose(r.mean_effect[nodes], matrix)
+    unsigned = make(per_position=True, method="atp+gd", signed=False)
+    m2, _, _, signed2 = plots.unit_position_matrix(unsigned, n_top=2)
+    assert not signed2 and (m2 >= 0).all()
+    with pytest.raises(ValueError, match="per-position"):
+        plots.unit_position_matrix(make())
+
+
+def test_top_units_by_position_labels_rows_and_tokens():
+    r = make(per_position=True)
+    fig = plots.top_units_by_position(r, ["<s>", " Mary", " $x"], n_top=4)
+    ax = fig.axes[0]
+    assert tick_labels(ax, "y") == ["head L2.H3", "head L2.H2", "head L2.H1", "k L2.K1"]
+    assert tick_labels(ax) == ["<s>", " Mary", r" \$x"]
+    im = ax.images[0]
+    assert im.get_cmap().name.startswith(plots.DIVERGING_CMAP)
+    assert im.norm.vmin == -im.norm.vmax
+    with pytest.raises(ValueError, match="2 tokens for 3 positions"):
+        plots.top_units_by_position(r, ["a", "b"])
+    render(fig)
+
+
+def test_scatter_counts_sign_agreement():
+    est = make()
+    ex = exact_for(est)
+    ex.mean_effect[:] = est.mean_effect
+    ex.mean_effect[1:4] *= -1  # three nodes of the opposite sign (node 0 is zero)
+    fig = plots.scatter_vs_exact(est, ex, annotate=0)
+    text = next(t.get_text() for t in fig.axes[0].texts if "sign agrees" in t.get_text())
+    assert f"sign agrees: {len(est) - 3} of {len(est)}" in text
