@@ -133,23 +133,44 @@ class _FlashAccounting:
         F.scaled_dot_product_attention = self.original
 
 
-def saved_activation_bytes(config: Any, seq_len: int, dtype: torch.dtype) -> int:
-    """Bytes autograd saves for one prompt of ``seq_len`` tokens in a forward with gradients
-    from the first layer's input, weights frozen (meta device: no memory, no compute)."""
+def _with_layers(config: Any, n_layers: int) -> Any:
+    """A copy of ``config`` with ``n_layers`` decoder layers (per-layer lists truncated)."""
+    import copy
+
+    config = copy.deepcopy(config)
+    text = config.get_text_config()
+    text.num_hidden_layers = n_layers
+    for name in ("layer_types", "mlp_only_layers"):
+        value = getattr(text, name, None)
+        if isinstance(value, list):
+            setattr(text, name, value[:n_layers])
+    return config
+
+
+def _meta_model(config: Any, dtype: torch.dtype) -> Any:
     import transformers
 
-    from atp_nnsight.models import adapter_for_config
-
-    adapter = adapter_for_config(config)
     with torch.device("meta"):
         model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype)
-    model.requires_grad_(False)
-    params = {t.untyped_storage()._cdata for t in [*model.parameters(), *model.buffers()]}
+    return model.requires_grad_(False)
+
+
+def _probe(config: Any, n_layers: int, seq_len: int, dtype: torch.dtype) -> tuple[int, int]:
+    """``(saved activation bytes of one prompt, weight bytes)`` of ``config`` cut to
+    ``n_layers`` layers, on the meta device (no memory, no compute)."""
+    from atp_nnsight.models import adapter_for_config
+
+    config = _with_layers(config, n_layers)
+    adapter = adapter_for_config(config)
+    model = _meta_model(config, dtype)
+    storages = {t.untyped_storage()._cdata: t for t in [*model.parameters(), *model.buffers()]}
+    params = {p.untyped_storage()._cdata: p.untyped_storage().nbytes() for p in model.parameters()}
+    weights = sum(params.values())
     saved: dict[int, int] = {}
 
     def pack(t: torch.Tensor) -> torch.Tensor:
         key = t.untyped_storage()._cdata
-        if key not in params:
+        if key not in storages:
             saved[key] = max(saved.get(key, 0), t.untyped_storage().nbytes())
         return t
 
@@ -157,8 +178,7 @@ def saved_activation_bytes(config: Any, seq_len: int, dtype: torch.dtype) -> int
         hidden = args[0] if args else kwargs["hidden_states"]
         hidden.requires_grad_(True)
 
-    first = adapter.layer(model, 0)
-    handle = first.register_forward_pre_hook(start_graph, with_kwargs=True)
+    handle = adapter.layer(model, 0).register_forward_pre_hook(start_graph, with_kwargs=True)
     ids = torch.zeros(1, seq_len, dtype=torch.long, device="meta")
     mask = torch.ones(1, 1, seq_len, seq_len, dtype=torch.bool, device="meta")
     try:
@@ -166,7 +186,60 @@ def saved_activation_bytes(config: Any, seq_len: int, dtype: torch.dtype) -> int
             model(input_ids=ids, attention_mask=mask, use_cache=False)
     finally:
         handle.remove()
-    return sum(saved.values())
+    return sum(saved.values()), weights
+
+
+_PROBES: dict[tuple, tuple[int, int, int, int]] = {}
+
+
+def layer_profile(config: Any, seq_len: int, dtype: torch.dtype) -> tuple[int, int, int, int]:
+    """``(saved bytes outside the layers, saved bytes per layer, weight bytes outside the
+    layers, weight bytes per layer)`` for one prompt of ``seq_len`` tokens, from meta models of
+    one and two layers (cached per config, length and dtype)."""
+    key = (config.to_json_string(), seq_len, dtype)
+    if key not in _PROBES:
+        try:
+            saved1, weights1 = _probe(config, 1, seq_len, dtype)
+            saved2, weights2 = _probe(config, 2, seq_len, dtype)
+        except Exception:  # an architecture the meta device cannot run (e.g. grouped MoE)
+            _PROBES[key] = _analytic_profile(config, seq_len, dtype)
+        else:
+            per_saved, per_weights = saved2 - saved1, weights2 - weights1
+            _PROBES[key] = (saved1 - per_saved, per_saved, weights1 - per_weights, per_weights)
+    return _PROBES[key]
+
+
+def _analytic_profile(config: Any, seq_len: int, dtype: torch.dtype) -> tuple[int, int, int, int]:
+    """:func:`layer_profile` from sizes alone, for models the meta device cannot run: a
+    pre-norm layer saves about 4 residual-sized tensors, q/k/v and the attention output, 4
+    MLP-width tensors (gated MLP), and, under eager attention, the probabilities."""
+    from atp_nnsight.models import adapter_for_config
+
+    adapter = adapter_for_config(config)
+    size = torch.empty((), dtype=dtype).element_size()
+    text = config.get_text_config()
+    d, mlp = adapter.d_model, adapter.d_mlp
+    attn = (2 * adapter.n_heads + 2 * adapter.n_kv_heads) * adapter.head_dim
+    per_token = 4 * d + attn + 4 * mlp
+    eager = getattr(text, "_attn_implementation", None) == "eager"
+    probs = adapter.n_heads * seq_len if eager else 2 * adapter.n_heads
+    per_layer = seq_len * (per_token * size + probs * 4)
+    vocab = text.vocab_size
+    layer_weights = (4 * d * adapter.n_heads * adapter.head_dim + 3 * d * mlp) * size
+    return 2 * seq_len * d * size, per_layer, 2 * vocab * d * size, layer_weights
+
+
+def saved_activation_bytes(config: Any, seq_len: int, dtype: torch.dtype) -> int:
+    """Bytes autograd saves for one prompt of ``seq_len`` tokens in a forward with gradients
+    from the first layer's input, weights frozen (see :func:`layer_profile`)."""
+    fixed, per_layer, _, _ = layer_profile(config, seq_len, dtype)
+    return fixed + per_layer * config.get_text_config().num_hidden_layers
+
+
+def weights_bytes(config: Any, dtype: torch.dtype) -> int:
+    """Bytes of the model's weights in ``dtype`` (tied weights counted once)."""
+    _, _, fixed, per_layer = layer_profile(config, 1, dtype)
+    return fixed + per_layer * config.get_text_config().num_hidden_layers
 
 
 # ---- the plan ------------------------------------------------------------------------------
@@ -242,7 +315,7 @@ def _duration(seconds: float) -> str:
     return f"{seconds / 3600:.1f} h"
 
 
-def _site_bytes(adapter: Any, kinds: tuple[str, ...], layers: tuple[int, ...], n_pos: int) -> int:
+def _site_bytes(adapter: Any, kinds: tuple[str, ...], layers: Any, n_pos: int) -> int:
     """Elements of the selected sites for one prompt of ``n_pos`` positions."""
     feature = {"q": adapter.head_dim, "k": adapter.head_dim, "v": adapter.head_dim}
     feature.update(head=adapter.head_dim, neuron=1, resid=adapter.d_model)
@@ -276,8 +349,14 @@ def atp_memory(
     if saved_per_pair is None:
         saved_per_pair = saved_activation_bytes(config, seq_len, dtype)
     vocab = config.get_text_config().vocab_size
+    from atp_nnsight.methods.atp import HELD_BY_AUTOGRAD
+
     kinds = layout.kinds
-    site = _site_bytes(adapter, kinds, layout.layers, seq_len)
+    n_pos = seq_len
+    held = tuple(k for k in kinds if k in HELD_BY_AUTOGRAD or (qk and k in ("q", "k")))
+    formed = tuple(k for k in kinds if k not in held)  # float32 differences
+    source = _site_bytes(adapter, held, layout.layers, n_pos) * size if held else 0
+    source += _site_bytes(adapter, formed, layout.layers, n_pos) * 4 if formed else 0
     largest = _largest_site(adapter, kinds, seq_len)
     streams = adapter.d_model * seq_len * size * (2 if graddrop else 1)
     qk_temp = 0
@@ -290,18 +369,9 @@ def atp_memory(
     return {
         "graph": batch * saved_per_pair,
         "logits": 2 * batch * seq_len * vocab * size,
-        "source": batch * site * size,
+        "source": batch * source,
         "transient": batch * (largest * (size + 3 * 4) + streams) + qk_temp,
     }
-
-
-def _weights_bytes(config: Any, dtype: torch.dtype) -> int:
-    import transformers
-
-    with torch.device("meta"):
-        model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype)
-    unique = {p.untyped_storage()._cdata: p.numel() * p.element_size() for p in model.parameters()}
-    return sum(unique.values())
 
 
 def available_memory(device: str = "cpu") -> int:
@@ -340,6 +410,63 @@ def pairs_per_chunk_for(
     while batch > 1 and sum(memory_of(batch).values()) > budget:
         batch -= 1
     return batch, memory_of(batch)
+
+
+def chunk_budget(model: Any, remote: Any, max_memory: int | float | None) -> int:
+    """Activation budget (bytes) of one chunk: ``max_memory`` if given; on NDIF
+    (``remote=True``) its per-job cap above the weights; else 80 % of the free memory of the
+    device(s) holding the model."""
+    if max_memory is not None:
+        if max_memory <= 0:
+            raise ValueError(f"max_memory must be a positive number of bytes, got {max_memory}")
+        return int(max_memory)
+    if remote is True:
+        config = resolve_config(model)
+        fraction, extra = NDIF_ACTIVATION_BUDGET
+        return int(fraction * weights_bytes(config, _dtype_of(config, None)) + extra)
+    module = getattr(model, "_module", model)
+    devices = (
+        {p.device for p in module.parameters()} if isinstance(module, torch.nn.Module) else set()
+    )
+    cuda = sorted(str(d) for d in devices if d.type == "cuda")
+    free = sum(available_memory(d) for d in cuda) if cuda else available_memory()
+    return int(AVAILABLE_FRACTION * free)
+
+
+def atp_pairs_per_chunk(
+    model: Any,
+    layout: NodeLayout,
+    *,
+    method: str,
+    n_pairs: int,
+    seq_len: int,
+    budget: int,
+    qk_chunk_bytes: int | None = None,
+) -> int:
+    """The most pairs per chunk whose predicted peak fits ``budget`` (see :func:`atp_memory`)."""
+    from atp_nnsight.models import get_adapter
+
+    config = resolve_config(model)
+    adapter = get_adapter(model)
+    module = getattr(model, "_module", None)
+    dtype = next(module.parameters()).dtype if module is not None else _dtype_of(config, None)
+    saved = saved_activation_bytes(config, seq_len, dtype)
+
+    def memory_of(batch: int) -> dict[str, int]:
+        return atp_memory(
+            config,
+            adapter,
+            layout,
+            method=method,
+            batch=batch,
+            seq_len=seq_len,
+            dtype=dtype,
+            qk_chunk_bytes=qk_chunk_bytes,
+            saved_per_pair=saved,
+        )
+
+    name = str(getattr(config, "_name_or_path", "") or config.model_type)
+    return pairs_per_chunk_for(budget, memory_of, n_pairs, f"{method} on {name}")[0]
 
 
 def plan(
@@ -399,7 +526,7 @@ def plan(
         raise ValueError(f"seq_len and n_pairs must be positive, got {seq_len}, {n_pairs}")
     layout = NodeLayout.build(adapter, nodes, layers, seq_len if per_position else None)
     qk_bytes = None if qk_chunk_bytes is None else int(qk_chunk_bytes)
-    weights = _weights_bytes(config, torch_dtype)
+    weights = weights_bytes(config, torch_dtype)
     saved = saved_activation_bytes(config, seq_len, torch_dtype)
 
     def memory_of(batch: int) -> dict[str, int]:

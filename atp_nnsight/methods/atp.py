@@ -43,17 +43,19 @@ from typing import Any
 import numpy as np
 import torch
 
+from atp_nnsight.checks import check_finite_scores, check_int, check_metric_values
 from atp_nnsight.methods.common import (
     common_length,
     metric_values,
     model_name,
-    prepare_pairs,
+    prepare_run,
     roles_of,
 )
 from atp_nnsight.methods.qk_fix import layer_estimates
-from atp_nnsight.metrics import Metric, resolve_metric
+from atp_nnsight.metrics import Metric
 from atp_nnsight.models import get_adapter
 from atp_nnsight.nodes import NodeLayout
+from atp_nnsight.plan import atp_pairs_per_chunk, chunk_budget
 from atp_nnsight.remote import Remote, run_chunks
 from atp_nnsight.results import Attribution
 from atp_nnsight.types import check_direction
@@ -354,32 +356,47 @@ def attribute(
     per_position: bool = False,
     direction: str = "noising",
     metric: str | Metric = "logit-diff",
-    pairs_per_chunk: int = 16,
+    pairs_per_chunk: int | None = None,
+    max_memory: int | float | None = None,
     qk_chunk_bytes: int | None = None,
     prepend_bos: bool = False,
     remote: Remote = False,
+    api_key: str | None = None,
     progress: bool = True,
     checkpoint_dir: Any = None,
+    allow_nonfinite: bool = False,
 ) -> Attribution:
     """Estimate every node's patching effect with ``method`` (atp, atp+qk, atp+gd, atp*).
 
-    ``pairs_per_chunk`` pairs (of one token length) share each forward/backward and each
-    nnsight session; lower it to reduce memory. ``qk_chunk_bytes`` bounds the QK fix's
-    attention temporaries per layer (computed in chunks of heads × query rows; default: four
-    residual-stream-sized float32 tensors of the chunk, at least 1 MiB).
+    Pairs (of one token length) share each forward/backward and each nnsight session in
+    chunks of ``pairs_per_chunk``; by default the chunk is the largest whose predicted peak
+    activation memory (:func:`atp_nnsight.plan.atp_memory`) fits ``max_memory`` bytes
+    (default: 80 % of the free memory of the model's device; on NDIF its per-job cap).
+    ``qk_chunk_bytes`` bounds the QK fix's attention temporaries per layer (computed in
+    chunks of heads × query rows; default: four attention-output-sized float32 tensors of
+    the chunk, at least 1 MiB). Non-finite scores raise unless ``allow_nonfinite``.
     """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
     check_direction(direction)
     qk, graddrop = METHODS[method]
+    tok, metric_name, metric_fn = prepare_run(model, pairs, metric, prepend_bos)
     adapter = get_adapter(model)
     if graddrop and adapter.n_layers < 2:
         raise ValueError("GradDrop needs a model with at least 2 layers")
-    tok = prepare_pairs(model, pairs, prepend_bos)
     seq_len = common_length(tok) if per_position else None
     layout = NodeLayout.build(adapter, nodes, layers, seq_len)
-    metric_name, metric_fn = resolve_metric(metric)
-    groups = tok.chunks(pairs_per_chunk)
+    if pairs_per_chunk is None:
+        pairs_per_chunk = atp_pairs_per_chunk(
+            model,
+            layout,
+            method=method,
+            n_pairs=len(tok),
+            seq_len=max(tok.lengths),
+            budget=chunk_budget(model, remote, max_memory),
+            qk_chunk_bytes=qk_chunk_bytes,
+        )
+    groups = tok.chunks(check_int(pairs_per_chunk, "pairs_per_chunk"))
     chunks = [
         {
             "adapter": adapter,
@@ -399,6 +416,7 @@ def attribute(
         chunks,
         _atp_body,
         remote=remote,
+        api_key=api_key,
         checkpoint_dir=checkpoint_dir,
         progress=progress,
         desc=method,
@@ -414,9 +432,10 @@ def attribute(
         source_metric[g.indices] = out["source_metric"].numpy()
         if gd is not None:
             gd[g.indices] = out["gd"].numpy()
+    check_metric_values(base_metric, source_metric, tok.pairs, direction=direction)
     per_pair = gd if gd is not None else est
     cost_per_pair = 2 + 2 * (adapter.n_layers if graddrop else 1)
-    return Attribution(
+    result = Attribution(
         nodes=layout.table(),
         scores=np.abs(per_pair).mean(0),
         per_pair=per_pair,
@@ -434,5 +453,8 @@ def attribute(
             "seq_len": seq_len,
             "layers": list(layout.layers),
             "kinds": list(layout.kinds),
+            "pairs_per_chunk": pairs_per_chunk,
         },
     )
+    check_finite_scores(result, allow_nonfinite)
+    return result
