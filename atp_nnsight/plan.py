@@ -388,6 +388,30 @@ def available_memory(device: str = "cpu") -> int:
     return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES"))
 
 
+def _memory_model(
+    config: Any,
+    adapter: Any,
+    layout: NodeLayout,
+    method: str,
+    seq_len: int,
+    dtype: torch.dtype,
+    qk_chunk_bytes: int | None,
+    saved_per_pair: int,
+) -> Any:
+    """``batch -> atp_memory(...)`` for one model, layout, method and prompt length."""
+    return lambda batch: atp_memory(
+        config,
+        adapter,
+        layout,
+        method=method,
+        batch=batch,
+        seq_len=seq_len,
+        dtype=dtype,
+        qk_chunk_bytes=qk_chunk_bytes,
+        saved_per_pair=saved_per_pair,
+    )
+
+
 class MemoryBudgetError(ValueError):
     """Not even one pair fits the memory budget."""
 
@@ -450,20 +474,15 @@ def atp_pairs_per_chunk(
     adapter = get_adapter(model)
     module = getattr(model, "_module", None)
     dtype = next(module.parameters()).dtype if module is not None else _dtype_of(config, None)
-    saved = saved_activation_bytes(config, seq_len, dtype)
-
-    def memory_of(batch: int) -> dict[str, int]:
-        return atp_memory(
-            config,
-            adapter,
-            layout,
-            method=method,
-            batch=batch,
-            seq_len=seq_len,
-            dtype=dtype,
-            qk_chunk_bytes=qk_chunk_bytes,
-            saved_per_pair=saved,
-        )
+    cache = getattr(model, "_atp_saved_bytes", None)
+    if cache is None:  # per model wrapper, like its adapter: no config hashing per call
+        cache = {}
+        object.__setattr__(model, "_atp_saved_bytes", cache)
+    if (seq_len, dtype) not in cache:
+        cache[(seq_len, dtype)] = saved_activation_bytes(config, seq_len, dtype)
+    memory_of = _memory_model(
+        config, adapter, layout, method, seq_len, dtype, qk_chunk_bytes, cache[(seq_len, dtype)]
+    )
 
     name = str(getattr(config, "_name_or_path", "") or config.model_type)
     return pairs_per_chunk_for(budget, memory_of, n_pairs, f"{method} on {name}")[0]
@@ -528,19 +547,9 @@ def plan(
     qk_bytes = None if qk_chunk_bytes is None else int(qk_chunk_bytes)
     weights = weights_bytes(config, torch_dtype)
     saved = saved_activation_bytes(config, seq_len, torch_dtype)
-
-    def memory_of(batch: int) -> dict[str, int]:
-        return atp_memory(
-            config,
-            adapter,
-            layout,
-            method=method,
-            batch=batch,
-            seq_len=seq_len,
-            dtype=torch_dtype,
-            qk_chunk_bytes=qk_bytes,
-            saved_per_pair=saved,
-        )
+    memory_of = _memory_model(
+        config, adapter, layout, method, seq_len, torch_dtype, qk_bytes, saved
+    )
 
     budget = None
     if max_memory is not None:

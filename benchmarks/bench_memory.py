@@ -4,8 +4,9 @@ Tiny random Llama-shaped models with a 70B-like attention layout (64 query heads
 head_dim 2, hidden 128, MLP 256), L = 10, 20, 40, 80 layers and T = 16, 64, 256 tokens, 16
 pairs in one chunk, nodes head,q,k,v,neuron summed over positions. Every measurement runs in
 a fresh subprocess; the *activation peak* is the peak of live heap bytes during the call minus
-the value just before it (benchmarks/memory.py), after a warm-up call. Plain = noise forward without grad,
-clean forward with grad from the embeddings, one backward (HF model, no nnsight).
+the value just before it (atp_nnsight/memory.py), after a warm-up call. Plain = noise forward
+without grad, clean forward with grad from the embeddings, one backward (HF model, no nnsight;
+benchmarks/common.py).
 
 Targets (issue 8): atp* peak ≤ 1.5 × plain at every size; growth linear in L and in T·H
 (quadratic in T only through attention); atp* time at L = 80 ≤ 1.2 × plain 2F + L·B.
@@ -44,49 +45,22 @@ def wide_model(n_layers: int):
     return tiny_model("llama", n_layers=n_layers, **WIDE)
 
 
-def random_tokenized(n: int, length: int, vocab: int, seed: int = 0):
-    """``n`` pairs of random token ids of one length (memory does not depend on the text)."""
-    from atp_nnsight.data import PromptPair, TokenizedPairs
-
-    g = torch.Generator().manual_seed(seed)
-    clean = torch.randint(0, vocab - 2, (n, length), generator=g)
-    noise = torch.randint(0, vocab - 2, (n, length), generator=g)
-    return TokenizedPairs(
-        pairs=[PromptPair(f"c{i}", f"n{i}", "a", "b") for i in range(n)],
-        clean_ids=list(clean),
-        noise_ids=list(noise),
-        clean_target=torch.full((n,), 1),
-        noise_target=torch.full((n,), 2),
-    )
-
-
-def plain_fwd_bwd(model, tok, n_backward: int) -> None:
-    """Noise forward (no grad) + clean forward with grad from the embeddings + backwards."""
-    hf = model._module
-    for g in tok.by_length():
-        with torch.no_grad():
-            hf(g.noise, use_cache=False)
-        emb = hf.get_input_embeddings()(g.clean).detach().requires_grad_(True)
-        logits = hf(inputs_embeds=emb, use_cache=False).logits[:, -1].float()
-        rows = torch.arange(len(g.indices))
-        metric = (logits[rows, g.clean_target] - logits[rows, g.noise_target]).sum()
-        for i in range(n_backward):
-            torch.autograd.grad(metric, emb, retain_graph=i < n_backward - 1)
-
-
 def measure(what: str, n_layers: int, seq_len: int, n_pairs: int) -> dict:
-    from memory import peak_during
+    from common import plain_passes, random_token_pairs
 
-    from atp_nnsight import attribute
+    from atp_nnsight import attribute, tokenize_pairs
+    from atp_nnsight.memory import peak_during
 
     torch.manual_seed(0)
     model = wide_model(n_layers)
-    tok = random_tokenized(n_pairs, seq_len, model._module.config.vocab_size)
-    warm = random_tokenized(1, seq_len, model._module.config.vocab_size, seed=1)
+    vocab = model._module.config.vocab_size
+    tok = tokenize_pairs(random_token_pairs(n_pairs, seq_len, vocab), model.tokenizer)
+    warm = tokenize_pairs(random_token_pairs(1, seq_len, vocab, seed=1), model.tokenizer)
     if what.startswith("plain"):
         n_backward = n_layers if what == "plain-L" else 1
-        plain_fwd_bwd(model, warm, 1)
-        _, before, peak, seconds = peak_during(lambda: plain_fwd_bwd(model, tok, n_backward))
+        hf = model._module
+        plain_passes(hf, warm, 1, n_pairs)
+        _, before, peak, seconds = peak_during(lambda: plain_passes(hf, tok, n_backward, n_pairs))
     else:
         attribute(model, warm, KINDS, method=what, layers=[0, n_layers - 1], progress=False)
         _, before, peak, seconds = peak_during(
@@ -117,7 +91,7 @@ def predicted_mb(n_layers: int, seq_len: int, n_pairs: int, method: str) -> floa
 def run_one(what: str, n_layers: int, seq_len: int, n_pairs: int) -> dict:
     cmd = [sys.executable, __file__, "--one", what, "--layers", str(n_layers)]
     cmd += ["--tokens", str(seq_len), "--pairs", str(n_pairs)]
-    from memory import ENV
+    from atp_nnsight.memory import ENV
 
     env = {**os.environ, **ENV}
     out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env).stdout

@@ -436,7 +436,7 @@ def attribute(
     per_pair = gd if gd is not None else est
     cost_per_pair = 2 + 2 * (adapter.n_layers if graddrop else 1)
     result = Attribution(
-        nodes=layout.table(),
+        nodes=layout,
         scores=np.abs(per_pair).mean(0),
         per_pair=per_pair,
         mean_effect=None if graddrop else est.mean(0),

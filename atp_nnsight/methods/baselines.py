@@ -468,7 +468,7 @@ def _run(
         per_pair = np.zeros((n_pairs, layout.n_nodes), dtype=np.float32)
     info = dict(out.info)
     return Attribution(
-        nodes=layout.table(),
+        nodes=layout,
         scores=out.scores,
         per_pair=per_pair,
         mean_effect=out.signed,

@@ -318,7 +318,7 @@ def patch(
     )
     mean = effects.mean(0)
     result = Attribution(
-        nodes=layout.table(),
+        nodes=layout,
         scores=np.abs(mean),
         per_pair=effects,
         mean_effect=mean,

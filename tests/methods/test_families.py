@@ -53,15 +53,6 @@ def family_params(*extra: tuple) -> list:
     return [(f, *e) for f in FAMILIES for e in (extra or [()])]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run much faster (and steadier on a busy machine) on one thread."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @functools.cache
 def nn_model(family: str, attn_implementation: str | None = None):
     """The library's model: transformers' default attention, or ``attn_implementation``."""

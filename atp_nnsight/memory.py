@@ -1,4 +1,5 @@
-"""Peak memory of one call, measured in this process: live heap bytes sampled by a thread.
+"""Peak memory of one call on the CPU, measured in this process: live heap bytes sampled by a
+thread (used by the memory benchmark and by the test of :mod:`atp_nnsight.plan`).
 
 The measure is glibc's ``mallinfo2`` (bytes in use: heap chunks + mmapped chunks), which
 torch's CPU allocator goes through: unlike the resident set size it is not inflated by memory
@@ -37,13 +38,11 @@ class _MallInfo2(ctypes.Structure):
     ]
 
 
-_libc = ctypes.CDLL("libc.so.6")
-_libc.mallinfo2.restype = _MallInfo2
-
-
 def live_bytes() -> int:
-    """Bytes currently allocated through malloc (heap in use + mmapped chunks)."""
-    info = _libc.mallinfo2()
+    """Bytes currently allocated through malloc (heap in use + mmapped chunks); glibc only."""
+    libc = ctypes.CDLL("libc.so.6")
+    libc.mallinfo2.restype = _MallInfo2
+    info = libc.mallinfo2()
     return int(info.uordblks + info.hblkhd)
 
 
