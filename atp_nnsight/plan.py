@@ -13,15 +13,18 @@ Memory model of one chunk of ``B`` pairs of ``T`` tokens (bytes; AtP-family meth
   output and the log-sum-exp; eager attention saves its probabilities);
 * ``logits``: the base run's logits ``B·T·V`` (model dtype), held until the backward starts,
   and their gradient, which the backward through the unembedding materialises;
-* ``source``: the source run's activations at the selected sites (model dtype), held until the
-  backward reaches their layer;
+* ``source``: what the engine keeps of the source run until the backward reaches its layer:
+  a clone (model dtype) of sites autograd saves anyway (resid, q, k, v), the float32
+  difference ``source - base`` of the others;
+* ``backward``: autograd's gradient buffers while it steps through one layer (about one
+  layer's saved activations, measured);
 * ``transient``: one layer's site gradients for one backward and their float32 products
   (the largest selected kind), one residual-sized gradient per live GradDrop stream at the
   top, and the QK fix's attention temporaries (bounded by ``qk_chunk_bytes``).
 
 The peak is their sum: it is reached when the backward starts, before any layer is freed.
 Weights are counted separately (locally they are resident; on NDIF they are the server's).
-Exact patching is planned from its row batches: one forward per batch of patched rows.
+Only the AtP family is planned (exact patching sizes its own row batches from ``memory_gb``).
 """
 
 from __future__ import annotations
@@ -338,7 +341,7 @@ def atp_memory(
     seq_len: int,
     dtype: torch.dtype,
     qk_chunk_bytes: int | None = None,
-    saved_per_pair: int | None = None,
+    saved: tuple[int, int] | None = None,
 ) -> dict[str, int]:
     """Peak activation bytes of one AtP-family chunk by component (see the module doc)."""
     from atp_nnsight.methods.atp import METHODS
@@ -346,8 +349,10 @@ def atp_memory(
 
     qk, graddrop = METHODS[method]
     size = torch.empty((), dtype=dtype).element_size()
-    if saved_per_pair is None:
-        saved_per_pair = saved_activation_bytes(config, seq_len, dtype)
+    if saved is None:
+        saved = layer_profile(config, seq_len, dtype)[:2]
+    fixed, per_layer = saved
+    n_layers = config.get_text_config().num_hidden_layers
     vocab = config.get_text_config().vocab_size
     from atp_nnsight.methods.atp import HELD_BY_AUTOGRAD
 
@@ -367,7 +372,8 @@ def atp_memory(
         bound = qk_chunk_bytes or default_chunk_bytes(batch, seq_len, width)
         qk_temp = min(full, bound)
     return {
-        "graph": batch * saved_per_pair,
+        "graph": batch * (fixed + n_layers * per_layer),
+        "backward": batch * per_layer,
         "logits": 2 * batch * seq_len * vocab * size,
         "source": batch * source,
         "transient": batch * (largest * (size + 3 * 4) + streams) + qk_temp,
@@ -396,7 +402,7 @@ def _memory_model(
     seq_len: int,
     dtype: torch.dtype,
     qk_chunk_bytes: int | None,
-    saved_per_pair: int,
+    saved: tuple[int, int],
 ) -> Any:
     """``batch -> atp_memory(...)`` for one model, layout, method and prompt length."""
     return lambda batch: atp_memory(
@@ -408,7 +414,7 @@ def _memory_model(
         seq_len=seq_len,
         dtype=dtype,
         qk_chunk_bytes=qk_chunk_bytes,
-        saved_per_pair=saved_per_pair,
+        saved=saved,
     )
 
 
@@ -479,7 +485,7 @@ def atp_pairs_per_chunk(
         cache = {}
         object.__setattr__(model, "_atp_saved_bytes", cache)
     if (seq_len, dtype) not in cache:
-        cache[(seq_len, dtype)] = saved_activation_bytes(config, seq_len, dtype)
+        cache[(seq_len, dtype)] = layer_profile(config, seq_len, dtype)[:2]
     memory_of = _memory_model(
         config, adapter, layout, method, seq_len, dtype, qk_chunk_bytes, cache[(seq_len, dtype)]
     )
@@ -546,7 +552,7 @@ def plan(
     layout = NodeLayout.build(adapter, nodes, layers, seq_len if per_position else None)
     qk_bytes = None if qk_chunk_bytes is None else int(qk_chunk_bytes)
     weights = weights_bytes(config, torch_dtype)
-    saved = saved_activation_bytes(config, seq_len, torch_dtype)
+    saved = layer_profile(config, seq_len, torch_dtype)[:2]
     memory_of = _memory_model(
         config, adapter, layout, method, seq_len, torch_dtype, qk_bytes, saved
     )
