@@ -2,8 +2,9 @@
 
 Subcommands: ``patch`` (exact activation patching), ``attribute`` (AtP family), ``run`` (the
 main job: AtP*, verification of the top nodes of each kind, an HTML report), ``diagnose``
-(verify the top of an AtP ranking and bound what it missed) and ``check-remote`` (the
-smallest NDIF job, to check a remote setup).
+(verify the top of an AtP ranking and bound what it missed), ``plan`` (size a run from the
+model config, before it starts) and ``check-remote`` (the smallest NDIF job, to check a
+remote setup).
 
 Outputs: ``--out NAME.csv`` or ``--out NAME.npz`` writes both ``NAME.csv`` (one row per node:
 ``kind,layer,index,position,score,mean_effect``; for ``diagnose`` the flagged nodes) and
@@ -47,6 +48,10 @@ EXIT_FAILED = 1
 EXIT_INTERRUPTED = 130
 
 CHECK_REMOTE_HELP = "run the smallest meaningful NDIF job to check your setup"
+PLAN_HELP = (
+    "size a run before it starts, from the model config alone: nodes, passes, peak memory "
+    "per chunk, NDIF requests and bytes, time"
+)
 
 OUT_HELP = (
     "NAME.csv or NAME.npz: writes both NAME.csv (one row per node) and NAME.npz (full result, "
@@ -214,7 +219,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="1 - confidence of the bound, in (0, 1) (default 0.05)",
     )
     d.add_argument("--subset-seed", type=NON_NEGATIVE, default=0, help="seed of the random subsets")
-    sub.add_parser("check-remote", help=CHECK_REMOTE_HELP, add_help=False)
+    for command, (_, help_text) in DELEGATED.items():
+        sub.add_parser(command, help=help_text, add_help=False)
     return parser
 
 
@@ -682,21 +688,29 @@ def run_main_job(args: argparse.Namespace) -> int:
     return run.execute(body)
 
 
-def run_check_remote(argv: Sequence[str]) -> int:
-    """``atp-nnsight check-remote``: options and behaviour come from
-    :mod:`atp_nnsight.remote_check` (``add_arguments(parser)``, ``run(args) -> int``)."""
+DELEGATED: dict[str, tuple[str, str]] = {
+    "check-remote": ("atp_nnsight.remote_check", CHECK_REMOTE_HELP),
+    "plan": ("atp_nnsight.plan_cli", PLAN_HELP),
+}
+"""Subcommands whose options and behaviour live in their own module (imported only when run):
+``add_arguments(parser)`` and ``run(args) -> int``."""
+
+
+def run_delegated(command: str, argv: Sequence[str]) -> int:
+    """Run a :data:`DELEGATED` subcommand."""
+    module_name, help_text = DELEGATED[command]
     try:
-        remote_check = importlib.import_module("atp_nnsight.remote_check")
+        module = importlib.import_module(module_name)
     except ModuleNotFoundError as err:
-        if err.name != "atp_nnsight.remote_check":
+        if err.name != module_name:
             raise
         return _error(
-            "check-remote is not available: this installation of atp_nnsight has no "
-            "atp_nnsight.remote_check module; reinstall or update atp_nnsight (pip install -e .)"
+            f"{command} is not available: this installation of atp_nnsight has no "
+            f"{module_name} module; reinstall or update atp_nnsight (pip install -e .)"
         )
-    parser = argparse.ArgumentParser(prog="atp-nnsight check-remote", description=CHECK_REMOTE_HELP)
-    remote_check.add_arguments(parser)
-    return int(remote_check.run(parser.parse_args(argv)))
+    parser = argparse.ArgumentParser(prog=f"atp-nnsight {command}", description=help_text)
+    module.add_arguments(parser)
+    return int(module.run(parser.parse_args(argv)))
 
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
@@ -709,8 +723,8 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["check-remote"]:
-        return run_check_remote(argv[1:])
+    if argv[:1] and argv[0] in DELEGATED:
+        return run_delegated(argv[0], argv[1:])
     args = build_parser().parse_args(argv)
     args.command_line = shlex.join(argv)
     with _warnings_to_stderr():

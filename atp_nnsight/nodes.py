@@ -85,6 +85,18 @@ class NodeLayout:
                 return b
         return None
 
+    def only(self, kind: str) -> tuple[NodeLayout, np.ndarray]:
+        """The layout of ``kind``'s nodes alone, and their flat indices in this layout."""
+        blocks, index, offset = [], [], 0
+        for b in self.blocks:
+            if b.kind == kind:
+                blocks.append(SiteBlock(b.kind, b.layer, b.n_units, b.n_positions, offset))
+                index.append(np.arange(b.offset, b.offset + b.size))
+                offset += b.size
+        flat = np.concatenate(index) if index else np.zeros(0, dtype=np.int64)
+        kinds = (kind,) if blocks else ()
+        return NodeLayout(kinds, self.layers, self.seq_len, tuple(blocks)), flat
+
     def blocks_in_layer(self, layer: int) -> list[SiteBlock]:
         return [b for b in self.blocks if b.layer == layer]
 

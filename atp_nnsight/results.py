@@ -24,16 +24,48 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from atp_nnsight.nodes import NodeLayout
 from atp_nnsight.types import Node, check_kind
 
 NODE_COLUMNS = ["kind", "layer", "index", "position"]
 
 
+class _NodeTable:
+    """``Attribution.nodes``: a node table (``kind, layer, index, position``), given as a
+    DataFrame or as the :class:`~atp_nnsight.nodes.NodeLayout` a method ran on. From a layout
+    the DataFrame is built on first access only: ranking, ``top``, ``node`` and ``select``
+    by kind work from the layout, so a result with millions of per-position nodes keeps just
+    its dense arrays until a table is asked for."""
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.key = f"_{name}"
+
+    def __get__(self, obj: Any, owner: type | None = None) -> pd.DataFrame:
+        if obj is None:  # no class-level default: the dataclass field stays required
+            raise AttributeError("nodes")
+        value = obj.__dict__[self.key]
+        if isinstance(value, NodeLayout):
+            value = obj.__dict__[self.key] = value.table()
+        return value
+
+    def __set__(self, obj: Any, value: pd.DataFrame | NodeLayout) -> None:
+        if not isinstance(value, (pd.DataFrame, NodeLayout)):
+            raise TypeError(
+                f"Attribution nodes must be a DataFrame or a NodeLayout, got {type(value).__name__}"
+            )
+        obj.__dict__[self.key] = value
+        obj.__dict__["layout"] = value if isinstance(value, NodeLayout) else None
+
+
 @dataclass
 class Attribution:
-    """Node table + ranking scores + per-pair values + metadata of one method run."""
+    """Node table + ranking scores + per-pair values + metadata of one method run.
 
-    nodes: pd.DataFrame
+    ``nodes`` may be given as the method's :class:`~atp_nnsight.nodes.NodeLayout` (kept as
+    ``layout``); the table is then built only when first read (see :class:`_NodeTable`).
+    """
+
+    nodes: pd.DataFrame = _NodeTable()  # type: ignore[assignment]
     scores: np.ndarray
     per_pair: np.ndarray
     mean_effect: np.ndarray | None
@@ -46,7 +78,7 @@ class Attribution:
     metadata: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        n = len(self.nodes)
+        n = len(self)
         if self.scores.shape != (n,) or self.per_pair.ndim != 2 or self.per_pair.shape[1] != n:
             raise ValueError(
                 f"inconsistent result: {n} nodes, scores {self.scores.shape}, "
@@ -54,7 +86,8 @@ class Attribution:
             )
 
     def __len__(self) -> int:
-        return len(self.nodes)
+        layout = self.__dict__.get("layout")
+        return layout.n_nodes if layout is not None else len(self.__dict__["_nodes"])
 
     def __repr__(self) -> str:
         return (
@@ -64,6 +97,8 @@ class Attribution:
         )
 
     def node(self, i: int) -> Node:
+        if self.layout is not None:
+            return self.layout.node(int(i))
         row = self.nodes.iloc[i]
         pos = row["position"]
         return Node(
@@ -75,6 +110,9 @@ class Attribution:
 
     def select(self, mask: np.ndarray | pd.Series | str) -> Attribution:
         """The result restricted to some nodes: a boolean mask over nodes, or a node kind."""
+        if isinstance(mask, str) and self.layout is not None:
+            sub, index = self.layout.only(check_kind(mask))
+            return self._subset(sub, index)
         if isinstance(mask, str):
             mask = self.nodes["kind"] == check_kind(mask)
         mask = np.asarray(mask)
@@ -83,11 +121,14 @@ class Attribution:
                 f"select needs a node kind or a boolean mask over the {len(self)} nodes, got "
                 f"{mask.dtype} values of shape {mask.shape}"
             )
+        return self._subset(self.nodes[mask].reset_index(drop=True), np.flatnonzero(mask))
+
+    def _subset(self, nodes: pd.DataFrame | NodeLayout, index: np.ndarray) -> Attribution:
         return Attribution(
-            nodes=self.nodes[mask].reset_index(drop=True),
-            scores=self.scores[mask],
-            per_pair=self.per_pair[:, mask],
-            mean_effect=None if self.mean_effect is None else self.mean_effect[mask],
+            nodes=nodes,
+            scores=self.scores[index],
+            per_pair=self.per_pair[:, index],
+            mean_effect=None if self.mean_effect is None else self.mean_effect[index],
             method=self.method,
             direction=self.direction,
             metric=self.metric,
@@ -117,6 +158,8 @@ class Attribution:
         Raises ``ValueError`` for an unknown kind, or one this result has no nodes of."""
         if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 0:
             raise ValueError(f"top needs a number of rows k >= 0, got {k!r}")
+        if self.layout is not None:
+            return self._top_from_layout(int(k), kind)
         df = self.to_dataframe()
         if kind is not None:
             present = list(dict.fromkeys(df["kind"]))
@@ -127,6 +170,37 @@ class Attribution:
                 )
             df = df[df["kind"] == kind]
         return df.sort_values("rank").head(int(k))
+
+    def _top_from_layout(self, k: int, kind: str | None) -> pd.DataFrame:
+        """:meth:`top` without building the whole node table: rows for the top ``k`` only."""
+        if kind is not None:
+            present = list(self.layout.kinds)
+            if check_kind(kind) not in present:
+                raise ValueError(
+                    f"this {self.method} result has no {kind!r} nodes; its kinds are "
+                    f"{', '.join(present)}"
+                )
+        ranking = self.ranking()
+        rank = np.empty(len(self), dtype=np.int64)
+        rank[ranking] = np.arange(1, len(self) + 1)
+        candidates = ranking
+        if kind is not None:
+            _, index = self.layout.only(kind)
+            candidates = index[np.argsort(rank[index], kind="stable")]
+        chosen = candidates[:k]
+        nodes = [self.layout.node(int(i)) for i in chosen]
+        return pd.DataFrame(
+            {
+                "kind": pd.Series([n.kind for n in nodes], dtype=object),
+                "layer": np.array([n.layer for n in nodes], dtype=np.int64),
+                "index": np.array([n.index for n in nodes], dtype=np.int64),
+                "position": pd.array([n.position for n in nodes], dtype="Int64"),
+                "score": self.scores[chosen],
+                "mean_effect": np.nan if self.mean_effect is None else self.mean_effect[chosen],
+                "rank": rank[chosen],
+            },
+            index=chosen,
+        )
 
     # ---- plots (matplotlib; see atp_nnsight.plots) -------------------------------------------
     def plot_heads(self, kind: str = "head", value: str = "score", **kwargs: Any) -> Any:
@@ -175,16 +249,15 @@ class Attribution:
             "pairs": self.pairs,
             "metadata": self.metadata,
         }
-        pos = self.nodes["position"].to_numpy(dtype=np.float64, na_value=np.nan)
-        arrays = {
-            "kind": self.nodes["kind"].to_numpy(dtype=str),
-            "layer": self.nodes["layer"].to_numpy(dtype=np.int64),
-            "index": self.nodes["index"].to_numpy(dtype=np.int64),
-            "position": pos,
-            "scores": self.scores,
-            "per_pair": self.per_pair,
-            "meta": np.array(json.dumps(meta, default=_json_default)),
-        }
+        arrays = {"scores": self.scores, "per_pair": self.per_pair}
+        if self.layout is not None:  # the node table as its layout: a few numbers per site
+            meta["layout"] = _layout_spec(self.layout)
+        else:
+            arrays["kind"] = self.nodes["kind"].to_numpy(dtype=str)
+            arrays["layer"] = self.nodes["layer"].to_numpy(dtype=np.int64)
+            arrays["index"] = self.nodes["index"].to_numpy(dtype=np.int64)
+            arrays["position"] = self.nodes["position"].to_numpy(dtype=np.float64, na_value=np.nan)
+        arrays["meta"] = np.array(json.dumps(meta, default=_json_default))
         if self.mean_effect is not None:
             arrays["mean_effect"] = self.mean_effect
         with atomic_paths(path) as (tmp,):
@@ -218,6 +291,8 @@ class Attribution:
             )
         with archive as z:
             missing = [k for k in _SAVED_KEYS if k not in z.files]
+            if not missing and "kind" not in z.files and "layout" not in str(z["meta"]):
+                missing = list(NODE_COLUMNS)
             if missing:
                 raise ValueError(
                     f"{path} is an .npz file but not a saved Attribution (no "
@@ -228,6 +303,14 @@ class Attribution:
     @classmethod
     def _from_arrays(cls, z: Any) -> Attribution:
         meta = json.loads(str(z["meta"]))
+        if "layout" in meta:
+            return cls(
+                nodes=_layout_from_spec(meta.pop("layout")),
+                scores=z["scores"],
+                per_pair=z["per_pair"],
+                mean_effect=z["mean_effect"] if "mean_effect" in z.files else None,
+                **meta,
+            )
         pos = z["position"]
         nodes = pd.DataFrame(
             {
@@ -246,7 +329,25 @@ class Attribution:
         )
 
 
-_SAVED_KEYS = ("kind", "layer", "index", "position", "scores", "per_pair", "meta")
+_SAVED_KEYS = ("scores", "per_pair", "meta")
+
+
+def _layout_spec(layout: NodeLayout) -> dict[str, Any]:
+    return {
+        "kinds": list(layout.kinds),
+        "layers": list(layout.layers),
+        "seq_len": layout.seq_len,
+        "blocks": [[b.kind, b.layer, b.n_units, b.n_positions, b.offset] for b in layout.blocks],
+    }
+
+
+def _layout_from_spec(spec: dict[str, Any]) -> NodeLayout:
+    from atp_nnsight.nodes import SiteBlock
+
+    blocks = tuple(
+        SiteBlock(k, int(la), int(u), int(p), int(o)) for k, la, u, p, o in spec["blocks"]
+    )
+    return NodeLayout(tuple(spec["kinds"]), tuple(spec["layers"]), spec["seq_len"], blocks)
 
 
 def temporary_sibling(path: Path) -> Path:

@@ -21,6 +21,7 @@ import sys
 import time
 
 import torch
+from common import plain_passes
 
 KINDS = "head,q,k,v,neuron"
 
@@ -33,33 +34,18 @@ def _setup(n_pairs: int):
     return model, pairs, tokenize_pairs(pairs, model.tokenizer)
 
 
-def plain_passes(model, tok, n_backward: int) -> float:
-    """Noise forward (no grad) + clean forward + ``n_backward`` backwards, per length group."""
-    hf = model._module
-    start = time.perf_counter()
-    for g in tok.by_length():
-        with torch.no_grad():
-            hf(g.noise, use_cache=False)
-        emb = hf.get_input_embeddings()(g.clean).detach().requires_grad_(True)
-        logits = hf(inputs_embeds=emb, use_cache=False).logits[:, -1].float()
-        rows = torch.arange(len(g.indices))
-        metric = (logits[rows, g.clean_target] - logits[rows, g.noise_target]).sum()
-        for i in range(n_backward):
-            torch.autograd.grad(metric, emb, retain_graph=i < n_backward - 1)
-    return time.perf_counter() - start
-
-
 def measure(what: str, n_pairs: int, per_position: bool) -> dict:
     from atp_nnsight import attribute
 
     model, pairs, tok = _setup(n_pairs)
-    n_layers = model._module.config.num_hidden_layers
+    hf = model._module
+    n_layers = hf.config.num_hidden_layers
     attribute(model, pairs[:1], KINDS, method="atp*", layers=[0], progress=False)  # warm-up
-    plain_passes(model, tok, 1)
-    if what == "plain":
-        seconds = plain_passes(model, tok, 1)
-    elif what == "plain-L":
-        seconds = plain_passes(model, tok, n_layers)
+    plain_passes(hf, tok, 1, n_pairs)
+    if what in ("plain", "plain-L"):
+        start = time.perf_counter()
+        plain_passes(hf, tok, n_layers if what == "plain-L" else 1, n_pairs)
+        seconds = time.perf_counter() - start
     else:
         start = time.perf_counter()
         attribute(

@@ -549,12 +549,7 @@ print(codes, [m for m in {HEAVY!r} if m in sys.modules])
     assert out.stdout.strip() == "[2, 2, 2, 2] []", out.stdout + out.stderr
 
 
-# ---- the methods' entry checks (wired by atp_nnsight.methods; strict: an XPASS means the
-# ---- methods now call atp_nnsight.checks, so drop the marker) --------------------------------
-
-NEEDS_METHOD_CHECKS = pytest.mark.xfail(
-    strict=True, reason="atp_nnsight.methods does not call atp_nnsight.checks here yet"
-)
+# ---- the methods' entry checks ------------------------------------------------------------
 
 
 @pytest.fixture(scope="module")
@@ -570,14 +565,13 @@ def _methods():
     return attribute, patch
 
 
-@pytest.mark.parametrize("method", ["attribute", pytest.param("patch", marks=NEEDS_METHOD_CHECKS)])
+@pytest.mark.parametrize("method", ["attribute", "patch"])
 def test_methods_refuse_a_model_name(method):
     fn = dict(zip(["attribute", "patch"], _methods(), strict=True))[method]
     with pytest.raises(TypeError, match=r"load_model.*got str|got str.*load_model"):
         fn("gpt2", [GOOD_PAIR], progress=False)
 
 
-@NEEDS_METHOD_CHECKS
 @pytest.mark.parametrize("method", ["attribute", "patch"])
 def test_methods_refuse_a_metric_of_the_wrong_type(tiny, method):
     fn = dict(zip(["attribute", "patch"], _methods(), strict=True))[method]
@@ -585,14 +579,12 @@ def test_methods_refuse_a_metric_of_the_wrong_type(tiny, method):
         fn(tiny, [GOOD_PAIR], metric=5, progress=False)
 
 
-@NEEDS_METHOD_CHECKS
 def test_patch_refuses_a_negative_batch_size(tiny):
     _, patch = _methods()
     with pytest.raises(ValueError, match="batch_size must be positive, got -1"):
         patch(tiny, [GOOD_PAIR], batch_size=-1, progress=False)
 
 
-@NEEDS_METHOD_CHECKS
 @pytest.mark.parametrize("method", ["attribute", "patch"])
 def test_methods_refuse_a_non_finite_metric(tiny, method):
     import torch
@@ -606,7 +598,6 @@ def test_methods_refuse_a_non_finite_metric(tiny, method):
         fn(tiny, [GOOD_PAIR], metric=log_of_zero, progress=False)
 
 
-@NEEDS_METHOD_CHECKS
 @pytest.mark.parametrize("method", ["attribute", "patch"])
 def test_methods_refuse_identical_targets_under_logit_diff(tiny, method):
     fn = dict(zip(["attribute", "patch"], _methods(), strict=True))[method]

@@ -317,6 +317,7 @@ def diagnose(
     estimate: Attribution | None = None,
     batch_size: int | None = None,
     remote: Remote = False,
+    api_key: str | None = None,
     progress: bool = True,
     direction: str | None = None,
     metric: str | Metric | None = None,
@@ -352,7 +353,9 @@ def diagnose(
     tok = prepare_pairs(model, pairs, prepend_bos)
     if n_subsets < 2:
         raise ValueError(f"n_subsets must be >= 2, got {n_subsets}")
-    common = dict(direction=direction, metric=metric_fn, remote=remote, progress=progress)
+    common = dict(
+        direction=direction, metric=metric_fn, remote=remote, api_key=api_key, progress=progress
+    )
     breakdown: dict[str, float] = {}
 
     # -- the verified set ---------------------------------------------------------------------
@@ -532,14 +535,18 @@ def verify_until_bound(
     """
     if step < 1:
         raise ValueError(f"step must be >= 1, got {step}")
-    keys = ("direction", "metric", "remote", "progress", "prepend_bos", "batch_size")
+    keys = ("direction", "metric", "remote", "api_key", "progress", "prepend_bos", "batch_size")
     vkw = {k: kwargs[k] for k in keys if k in kwargs}
     estimate = kwargs.pop("estimate", None)
     if estimate is None and result.mean_effect is None:
         if pairs is None:
             pairs = result.pairs
         layout = result_layout(model, result)
-        akw = {k: kwargs[k] for k in ("direction", "metric", "remote", "progress") if k in kwargs}
+        akw = {
+            k: kwargs[k]
+            for k in ("direction", "metric", "remote", "api_key", "progress")
+            if k in kwargs
+        }
         akw.setdefault("direction", result.direction)
         if "metric" not in akw:
             akw["metric"] = resolve_result_metric(result, None)[1]

@@ -113,6 +113,7 @@ def verify(
     batch_size: int | None = None,
     chunk_size: int | None = None,
     remote: Remote = False,
+    api_key: str | None = None,
     progress: bool = True,
     direction: str | None = None,
     metric: str | Metric | None = None,
@@ -207,6 +208,7 @@ def verify(
             batch_size=batch_size,
             memory_gb=memory_gb,
             remote=remote,
+            api_key=api_key,
             progress=progress,
         )
         cost += c

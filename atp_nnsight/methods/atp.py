@@ -43,17 +43,19 @@ from typing import Any
 import numpy as np
 import torch
 
+from atp_nnsight.checks import check_finite_scores, check_int, check_metric_values
 from atp_nnsight.methods.common import (
     common_length,
     metric_values,
     model_name,
-    prepare_pairs,
+    prepare_run,
     roles_of,
 )
-from atp_nnsight.methods.qk_fix import QK_CHUNK_BYTES, layer_estimates
-from atp_nnsight.metrics import Metric, resolve_metric
+from atp_nnsight.methods.qk_fix import layer_estimates
+from atp_nnsight.metrics import Metric
 from atp_nnsight.models import get_adapter
 from atp_nnsight.nodes import NodeLayout
+from atp_nnsight.plan import atp_pairs_per_chunk, chunk_budget
 from atp_nnsight.remote import Remote, run_chunks
 from atp_nnsight.results import Attribution
 from atp_nnsight.types import check_direction
@@ -71,6 +73,12 @@ FULL = -1
 
 OWN_DROP = -2
 """Estimates of a ``resid`` node with its own layer's write dropped (no backward needed)."""
+
+HELD_BY_AUTOGRAD = ("resid", "q", "k", "v")
+"""Sites autograd saves for the backward anyway (the layer input for its norm, q/k/v for the
+attention): for these the base tensor is held and ``source - base`` formed when the gradient
+arrives. Other sites (head and MLP activations, block outputs) are freed by autograd when
+the weights are frozen, so their difference is formed during the forward instead."""
 
 
 def _qk_kinds(chunk: dict, layer: int) -> tuple[str, ...]:
@@ -99,22 +107,60 @@ def _base_reads(chunk: dict, layer: int) -> tuple[tuple[str, ...], bool]:
     return tuple(sorted(kinds)), bool(qk)
 
 
+def _capture_grad(tensor: torch.Tensor, store: dict, key: str) -> None:
+    """Put the gradient reaching ``tensor`` into ``store[key]`` whenever a backward passes it.
+
+    The hook lives on the graph, not on the tensor, so the tensor itself need not be held.
+    """
+    if not tensor.requires_grad:
+        return
+
+    def hook(grad: torch.Tensor) -> None:
+        store[key] = grad
+
+    tensor.register_hook(hook)
+
+
+def _layer_state(chunk: dict, layer: int, raws: dict, call: dict | None, source: dict) -> dict:
+    """What the backward needs of one layer of the base run, without holding what autograd
+    does not: the layer input (the chain's boundary), the attention call for the QK fix, and
+    per linear kind either ``held`` (source clone + base tensor, for sites autograd saves
+    anyway) or ``delta`` (``source - base`` in float32, formed now, for sites it frees);
+    gradients at sites arrive in ``grads`` through hooks."""
+    adapter = chunk["adapter"]
+    state = {"resid": raws["resid"], "call": call, "held": {}, "delta": {}, "grads": {}}
+    kinds = chunk["kinds"] if layer in chunk["layers"] else ()
+    qk = _qk_kinds(chunk, layer)
+    for kind in kinds:
+        if kind in qk:
+            continue
+        if kind in HELD_BY_AUTOGRAD:
+            state["held"][kind] = (source[kind], raws[kind])
+        else:
+            base = adapter.units(kind, raws[kind]).detach()
+            state["delta"][kind] = source[kind].float() - base.float()
+        if kind != "resid":
+            _capture_grad(raws[kind], state["grads"], kind)
+    if qk:
+        _capture_grad(raws["head"], state["grads"], "head")
+        state["q_call"] = source.get("q_call")
+        state["k_call"] = source.get("k_call")
+    return state
+
+
 def _linear_estimate(
-    adapter: Any,
-    kind: str,
-    source_units: torch.Tensor,
-    base_raw: torch.Tensor,
-    grad_raw: torch.Tensor | None,
-    per_position: bool,
+    adapter: Any, kind: str, state: dict, grad_raw: torch.Tensor | None, per_position: bool
 ) -> torch.Tensor:
-    """``(source - base) · grad`` per node: ``[n, positions, units]`` float32 (0 without grad)."""
-    base_units = adapter.units(kind, base_raw)
+    """``(source - base) · grad`` per node: ``[n, positions, units]`` float32 (0 without
+    gradient); the difference and the product are formed in float32."""
+    if kind in state["held"]:
+        source, base_raw = state["held"][kind]
+        delta = source.float() - adapter.units(kind, base_raw).float()
+    else:
+        delta = state["delta"][kind]
     if grad_raw is None:
-        n_pos = base_units.shape[1] if per_position else 1
-        return base_units.new_zeros(
-            (base_units.shape[0], n_pos, base_units.shape[2]), dtype=torch.float32
-        )
-    delta = source_units.float() - base_units.float()
+        n_pos = delta.shape[1] if per_position else 1
+        return delta.new_zeros((delta.shape[0], n_pos, delta.shape[2]))
     est = (delta * adapter.units(kind, grad_raw).float()).sum(-1)
     return est if per_position else est.sum(1, keepdim=True)
 
@@ -124,76 +170,72 @@ def _layer_step(
     layer: int,
     boundary: torch.Tensor,
     streams: dict[int, torch.Tensor | None],
-    sites: dict[str, torch.Tensor],
-    source: dict[str, torch.Tensor],
-    call: dict | None,
-    continue_below: bool,
-) -> tuple[dict[int, dict[str, torch.Tensor]], dict[int, torch.Tensor]]:
-    """Step every stream through ``layer``: estimates per stream and kind, and each stream's
-    gradient at the layer input (when the chain continues below).
+    state: dict,
+) -> dict[int, dict[str, torch.Tensor]]:
+    """Step every stream through ``layer``: estimates per stream and kind, and (in
+    ``state["below"]``) each stream's gradient at the layer input.
 
     ``boundary``: the tensor the streams' gradients belong to (the next layer's input, the
-    last layer's output, or the metric); ``sites``: the base run's raw tensors of this layer.
+    last layer's output, or the metric). Each backward stops at the layer input; the hooks
+    of the layer's sites fire on the way.
     """
     adapter = chunk["adapter"]
     per_position = chunk["per_position"]
     kinds = chunk["kinds"] if layer in chunk["layers"] else ()
     qk = _qk_kinds(chunk, layer)
-    wanted = [k for k in kinds if k not in qk]
-    if qk:
-        wanted.append("head")
-    keys = [k for k in dict.fromkeys(wanted) if k != "resid"]
-    if continue_below or "resid" in kinds:
-        keys.append("resid")
-    inputs = [sites[k] for k in keys]
+    resid, grads = state["resid"], state["grads"]
     estimates, below, grads_z = {}, {}, []
     ids = list(streams)
     for i, sid in enumerate(ids):
         grad_out = streams[sid]
         if grad_out is not None:
             grad_out = grad_out.to(boundary.device)
-        grads = torch.autograd.grad(
+        grads.clear()
+        (g_resid,) = torch.autograd.grad(
             boundary,
-            inputs,
+            [resid],
             grad_outputs=grad_out,
             retain_graph=i < len(ids) - 1,
             allow_unused=True,
         )
-        grad = dict(zip(keys, grads, strict=True))
-        est = {}
-        for kind in kinds:
-            if kind not in qk:
-                est[kind] = _linear_estimate(
-                    adapter, kind, source[kind], sites[kind], grad[kind], per_position
-                )
+        with torch.no_grad():  # estimates are reduced values: no graph through them
+            est = {}
+            for kind in kinds:
+                if kind not in qk:
+                    g = g_resid if kind == "resid" else grads.get(kind)
+                    est[kind] = _linear_estimate(adapter, kind, state, g, per_position)
+            if qk:
+                grads_z.append(adapter.units("head", _or_zeros(grads.get("head"), resid, state)))
+            estimates[sid] = est
+            below[sid] = g_resid if g_resid is not None else torch.zeros_like(resid)
+    grads.clear()
+    with torch.no_grad():
         if qk:
-            g = grad["head"]
-            grads_z.append(
-                adapter.units("head", g if g is not None else torch.zeros_like(sites["head"]))
+            fixed = layer_estimates(
+                state["call"],
+                state["q_call"],
+                state["k_call"],
+                grads_z,
+                per_position,
+                chunk["qk_bytes"],
             )
-        estimates[sid] = est
-        if continue_below:
-            g = grad["resid"]
-            below[sid] = g if g is not None else torch.zeros_like(sites["resid"])
-    if qk:
-        fixed = layer_estimates(
-            call,
-            source.get("q_call"),
-            source.get("k_call"),
-            grads_z,
-            per_position,
-            chunk["qk_bytes"],
-        )
-        for sid, est in zip(ids, fixed, strict=True):
-            estimates[sid].update(est)
-    if chunk["graddrop"] and "resid" in kinds:
-        # dropping this layer's own write leaves resid_pre with the gradient at resid_post
-        g_post = streams[FULL].to(sites["resid"].device)
-        own = _linear_estimate(
-            adapter, "resid", source["resid"], sites["resid"], g_post, per_position
-        )
-        estimates[OWN_DROP] = {"resid": own}
-    return estimates, below
+            for sid, est in zip(ids, fixed, strict=True):
+                estimates[sid].update(est)
+        if chunk["graddrop"] and "resid" in kinds:
+            # dropping this layer's own write leaves resid_pre with the gradient at resid_post
+            g_post = streams[FULL].to(resid.device)
+            own = _linear_estimate(adapter, "resid", state, g_post, per_position)
+            estimates[OWN_DROP] = {"resid": own}
+    state["below"] = below
+    return estimates
+
+
+def _or_zeros(grad: torch.Tensor | None, resid: torch.Tensor, state: dict) -> torch.Tensor:
+    """The head-output gradient, or zeros of the attention output's shape without one."""
+    if grad is not None:
+        return grad
+    q = state["call"]["q"]
+    return q.new_zeros(resid.shape[:2] + (q.shape[1] * q.shape[-1],))
 
 
 def _atp_body(model: Any, chunk: dict) -> dict[str, torch.Tensor]:
@@ -226,14 +268,17 @@ def _atp_body(model: Any, chunk: dict) -> dict[str, torch.Tensor]:
         first = adapter.layer(model, 0).input
         if not first.requires_grad:
             first.requires_grad_(True)  # NDIF loads frozen weights: start the graph here
-        sites, calls = {}, {}
+        states = {}
         for layer in walk:
             kinds, attention = _base_reads(chunk, layer)
-            sites[layer], calls[layer] = adapter.read_layer(model, layer, kinds, attention)
+            raws, call = adapter.read_layer(model, layer, kinds, attention)
+            states[layer] = _layer_state(chunk, layer, raws, call, source.pop(layer, {}))
+            del raws, call
         top = adapter.layer(model, n_layers - 1).output if graddrop else None
         logits = model.output.logits
         metric = metric_values(chunk["metric"], logits, clean_target, noise_target)
-        out = _backward_chain(chunk, metric, top, walk, sites, calls, source)
+        del logits
+        out = _backward_chain(chunk, metric, top, walk, states)
         out["metric"] = metric.detach().cpu()
         out["source_metric"] = source_metric
     return out
@@ -244,13 +289,10 @@ def _backward_chain(
     metric: torch.Tensor,
     top: torch.Tensor | None,
     walk: Sequence[int],
-    sites: dict,
-    calls: dict,
-    source: dict,
+    states: dict,
 ) -> dict[str, torch.Tensor]:
     """Walk the layers top-down, stepping every stream through each (see the module doc)."""
     graddrop = chunk["graddrop"]
-    lowest = walk[0]
     per_layer: dict[int, dict[str, torch.Tensor]] = {}
     per_layer_gd: dict[int, dict[str, torch.Tensor]] = {}
     if graddrop:
@@ -262,26 +304,16 @@ def _backward_chain(
     for layer in reversed(list(walk)):
         if graddrop and full_above is not None:
             streams[layer + 1] = full_above  # drop layer+1: skip path only below it
-        layer_sites = sites.pop(layer)
-        estimates, below = _layer_step(
-            chunk,
-            layer,
-            boundary,
-            streams,
-            layer_sites,
-            source.pop(layer, {}),
-            calls.pop(layer),
-            continue_below=layer > lowest,
-        )
+        state = states.pop(layer)
+        estimates = _layer_step(chunk, layer, boundary, streams, state)
         if layer in chunk["layers"]:
             per_layer[layer] = {k: v.detach().cpu() for k, v in estimates[FULL].items()}
             if graddrop:
                 per_layer_gd[layer] = _graddrop_scores(chunk, layer, estimates)
         if graddrop:
             full_above = streams[FULL]
-        boundary = layer_sites.get("resid")
-        streams = below
-        del layer_sites, estimates
+        boundary, streams = state["resid"], state["below"]
+        del state, estimates
     out = {"est": _flatten(per_layer, chunk)}
     if graddrop:
         out["gd"] = _flatten(per_layer_gd, chunk)
@@ -324,31 +356,47 @@ def attribute(
     per_position: bool = False,
     direction: str = "noising",
     metric: str | Metric = "logit-diff",
-    pairs_per_chunk: int = 16,
-    qk_chunk_bytes: int = QK_CHUNK_BYTES,
+    pairs_per_chunk: int | None = None,
+    max_memory: int | float | None = None,
+    qk_chunk_bytes: int | None = None,
     prepend_bos: bool = False,
     remote: Remote = False,
+    api_key: str | None = None,
     progress: bool = True,
     checkpoint_dir: Any = None,
+    allow_nonfinite: bool = False,
 ) -> Attribution:
     """Estimate every node's patching effect with ``method`` (atp, atp+qk, atp+gd, atp*).
 
-    ``pairs_per_chunk`` pairs (of one token length) share each forward/backward and each
-    nnsight session; lower it to reduce memory. ``qk_chunk_bytes`` bounds the QK fix's
-    attention temporaries (computed in chunks of heads × query rows).
+    Pairs (of one token length) share each forward/backward and each nnsight session in
+    chunks of ``pairs_per_chunk``; by default the chunk is the largest whose predicted peak
+    activation memory (:func:`atp_nnsight.plan.atp_memory`) fits ``max_memory`` bytes
+    (default: 80 % of the free memory of the model's device; on NDIF its per-job cap).
+    ``qk_chunk_bytes`` bounds the QK fix's attention temporaries per layer (computed in
+    chunks of heads × query rows; default: four attention-output-sized float32 tensors of
+    the chunk, at least 1 MiB). Non-finite scores raise unless ``allow_nonfinite``.
     """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
     check_direction(direction)
     qk, graddrop = METHODS[method]
+    tok, metric_name, metric_fn = prepare_run(model, pairs, metric, prepend_bos)
     adapter = get_adapter(model)
     if graddrop and adapter.n_layers < 2:
         raise ValueError("GradDrop needs a model with at least 2 layers")
-    tok = prepare_pairs(model, pairs, prepend_bos)
     seq_len = common_length(tok) if per_position else None
     layout = NodeLayout.build(adapter, nodes, layers, seq_len)
-    metric_name, metric_fn = resolve_metric(metric)
-    groups = tok.chunks(pairs_per_chunk)
+    if pairs_per_chunk is None:
+        pairs_per_chunk = atp_pairs_per_chunk(
+            model,
+            layout,
+            method=method,
+            n_pairs=len(tok),
+            seq_len=max(tok.lengths),
+            budget=chunk_budget(model, remote, max_memory),
+            qk_chunk_bytes=qk_chunk_bytes,
+        )
+    groups = tok.chunks(check_int(pairs_per_chunk, "pairs_per_chunk"))
     chunks = [
         {
             "adapter": adapter,
@@ -359,7 +407,7 @@ def attribute(
             "per_position": per_position,
             "qk": qk,
             "graddrop": graddrop,
-            "qk_bytes": int(qk_chunk_bytes),
+            "qk_bytes": None if qk_chunk_bytes is None else int(qk_chunk_bytes),
         }
         for g in groups
     ]
@@ -368,6 +416,7 @@ def attribute(
         chunks,
         _atp_body,
         remote=remote,
+        api_key=api_key,
         checkpoint_dir=checkpoint_dir,
         progress=progress,
         desc=method,
@@ -383,10 +432,11 @@ def attribute(
         source_metric[g.indices] = out["source_metric"].numpy()
         if gd is not None:
             gd[g.indices] = out["gd"].numpy()
+    check_metric_values(base_metric, source_metric, tok.pairs, direction=direction)
     per_pair = gd if gd is not None else est
     cost_per_pair = 2 + 2 * (adapter.n_layers if graddrop else 1)
-    return Attribution(
-        nodes=layout.table(),
+    result = Attribution(
+        nodes=layout,
         scores=np.abs(per_pair).mean(0),
         per_pair=per_pair,
         mean_effect=None if graddrop else est.mean(0),
@@ -403,5 +453,8 @@ def attribute(
             "seq_len": seq_len,
             "layers": list(layout.layers),
             "kinds": list(layout.kinds),
+            "pairs_per_chunk": pairs_per_chunk,
         },
     )
+    check_finite_scores(result, allow_nonfinite)
+    return result

@@ -31,9 +31,9 @@ from typing import Any
 
 import numpy as np
 
-from atp_nnsight.methods.common import common_length, model_name, prepare_pairs
+from atp_nnsight.methods.common import common_length, model_name, prepare_run
 from atp_nnsight.methods.exact import patch_sets
-from atp_nnsight.metrics import Metric, resolve_metric
+from atp_nnsight.metrics import Metric
 from atp_nnsight.models import get_adapter
 from atp_nnsight.nodes import NodeLayout
 from atp_nnsight.remote import Remote
@@ -438,16 +438,16 @@ def _run(
     batch_size: int | None,
     memory_gb: float,
     remote: Remote,
+    api_key: str | None = None,
     progress: bool,
     prepend_bos: bool,
     structured: bool = False,
 ) -> Attribution:
     check_direction(direction)
-    tok = prepare_pairs(model, pairs, prepend_bos)
+    tok, metric_name, metric_fn = prepare_run(model, pairs, metric, prepend_bos)
     adapter = get_adapter(model)
     seq_len = common_length(tok) if per_position else None
     layout = NodeLayout.build(adapter, nodes, layers, seq_len)
-    metric_name, metric_fn = resolve_metric(metric)
     oracle = _PatchOracle(
         model,
         tok,
@@ -457,6 +457,7 @@ def _run(
         batch_size=batch_size,
         memory_gb=memory_gb,
         remote=remote,
+        api_key=api_key,
         progress=progress,
     )
     extra = {"levels": structure_keys(layout)} if structured else {}
@@ -467,7 +468,7 @@ def _run(
         per_pair = np.zeros((n_pairs, layout.n_nodes), dtype=np.float32)
     info = dict(out.info)
     return Attribution(
-        nodes=layout.table(),
+        nodes=layout,
         scores=out.scores,
         per_pair=per_pair,
         mean_effect=out.signed,
@@ -508,6 +509,7 @@ def subsampling(
     batch_size: int | None = None,
     memory_gb: float = 2.0,
     remote: Remote = False,
+    api_key: str | None = None,
     progress: bool = True,
     prepend_bos: bool = False,
 ) -> Attribution:
@@ -535,6 +537,7 @@ def subsampling(
         batch_size=batch_size,
         memory_gb=memory_gb,
         remote=remote,
+        api_key=api_key,
         progress=progress,
         prepend_bos=prepend_bos,
     )
@@ -554,6 +557,7 @@ def blocks(
     batch_size: int | None = None,
     memory_gb: float = 2.0,
     remote: Remote = False,
+    api_key: str | None = None,
     progress: bool = True,
     prepend_bos: bool = False,
 ) -> Attribution:
@@ -576,6 +580,7 @@ def blocks(
         batch_size=batch_size,
         memory_gb=memory_gb,
         remote=remote,
+        api_key=api_key,
         progress=progress,
         prepend_bos=prepend_bos,
     )
@@ -598,6 +603,7 @@ def hierarchical(
     batch_size: int | None = None,
     memory_gb: float = 2.0,
     remote: Remote = False,
+    api_key: str | None = None,
     progress: bool = True,
     prepend_bos: bool = False,
 ) -> Attribution:
@@ -627,6 +633,7 @@ def hierarchical(
         batch_size=batch_size,
         memory_gb=memory_gb,
         remote=remote,
+        api_key=api_key,
         progress=progress,
         prepend_bos=prepend_bos,
         structured=True,
@@ -646,6 +653,7 @@ def brute_force(
     batch_size: int | None = None,
     memory_gb: float = 2.0,
     remote: Remote = False,
+    api_key: str | None = None,
     progress: bool = True,
     prepend_bos: bool = False,
 ) -> Attribution:
@@ -668,6 +676,7 @@ def brute_force(
         batch_size=batch_size,
         memory_gb=memory_gb,
         remote=remote,
+        api_key=api_key,
         progress=progress,
         prepend_bos=prepend_bos,
     )

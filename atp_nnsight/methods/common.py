@@ -10,7 +10,9 @@ from typing import Any
 
 import torch
 
+from atp_nnsight.checks import check_metric, check_metric_shape, check_model
 from atp_nnsight.data import PairGroup, TokenizedPairs, load_pairs, tokenize_pairs
+from atp_nnsight.metrics import resolve_metric
 from atp_nnsight.types import NODE_KINDS, check_direction
 
 
@@ -19,6 +21,17 @@ def prepare_pairs(model: Any, pairs: Any, prepend_bos: bool = False) -> Tokenize
     if isinstance(pairs, TokenizedPairs):
         return pairs
     return tokenize_pairs(load_pairs(pairs), model.tokenizer, prepend_bos=prepend_bos)
+
+
+def prepare_run(
+    model: Any, pairs: Any, metric: Any, prepend_bos: bool = False
+) -> tuple[TokenizedPairs, str, Any]:
+    """Check the model and metric arguments, tokenize the pairs: ``(pairs, metric name,
+    metric function)``. Every method starts here, before any model computation."""
+    check_model(model)
+    check_metric(metric)
+    metric_name, metric_fn = resolve_metric(metric)
+    return prepare_pairs(model, pairs, prepend_bos), metric_name, metric_fn
 
 
 def common_length(tok: TokenizedPairs) -> int:
@@ -50,13 +63,7 @@ def metric_values(
 ) -> torch.Tensor:
     """``metric(logits, clean_target, noise_target)`` as float32 ``[batch]``, shape-checked."""
     value = metric(logits, clean_target, noise_target)
-    batch = logits.shape[0]
-    if not isinstance(value, torch.Tensor) or tuple(value.shape) != (batch,):
-        shape = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
-        raise ValueError(
-            f"the metric must return one value per prompt, a tensor of shape ({batch},); got "
-            f"{shape}. Reduce over positions/vocabulary but not over the batch"
-        )
+    check_metric_shape(value, logits.shape[0], getattr(metric, "__name__", "metric"))
     return value.float()
 
 

@@ -16,15 +16,16 @@ from typing import Any
 import numpy as np
 import torch
 
+from atp_nnsight.checks import check_finite_scores, check_int, check_metric_values
 from atp_nnsight.methods.common import (
     common_length,
     metric_values,
     model_name,
-    prepare_pairs,
+    prepare_run,
     roles_of,
     site_order,
 )
-from atp_nnsight.metrics import Metric, resolve_metric
+from atp_nnsight.metrics import Metric
 from atp_nnsight.models import Adapter, get_adapter
 from atp_nnsight.nodes import NodeLayout
 from atp_nnsight.remote import Remote, run_chunks
@@ -203,14 +204,21 @@ def run_node_sets(
     batch_size: int | None,
     memory_gb: float,
     remote: Remote,
+    api_key: str | None = None,
     progress: bool,
     checkpoint_dir: Any = None,
     pairs_per_chunk: int = 8,
 ) -> tuple[np.ndarray, np.ndarray, float]:
-    """Effects ``[pairs, sets]``, base metric ``[pairs]`` and cost (forward passes)."""
+    """Effects ``[pairs, sets]``, base metric ``[pairs]`` and cost (forward passes).
+
+    Refuses (after the run, from the unpatched runs' metrics) a metric that is non-finite or
+    the same on both runs of every pair (:func:`atp_nnsight.checks.check_metric_values`).
+    """
     adapter = get_adapter(model)
     check_direction(direction)
-    vocab = model._module.config.vocab_size
+    if batch_size is not None:
+        check_int(batch_size, "batch_size")
+    vocab = model._module.config.get_text_config().vocab_size
     source_sites: dict[int, list[str]] = {}
     for kind, layer in sets.sites:
         source_sites.setdefault(layer, []).append(kind)
@@ -249,6 +257,7 @@ def run_node_sets(
         chunks,
         _patch_body,
         remote=remote,
+        api_key=api_key,
         checkpoint_dir=checkpoint_dir,
         progress=progress,
         desc="exact patching",
@@ -256,11 +265,14 @@ def run_node_sets(
     )
     effects = np.zeros((len(tok), len(sets)), dtype=np.float32)
     base = np.zeros(len(tok), dtype=np.float32)
+    source = np.zeros(len(tok), dtype=np.float32)
     cost = 0.0
     for (idx, set_ids), out in zip(owners, outs, strict=True):
         effects[np.ix_(idx, set_ids)] = out["effects"].numpy().reshape(len(set_ids), len(idx)).T
         base[idx] = out["base"].numpy()
+        source[idx] = out["source"].numpy()
         cost += len(idx) * (len(set_ids) + 2)
+    check_metric_values(base, source, tok.pairs, direction=direction)
     return effects, base, cost
 
 
@@ -277,18 +289,20 @@ def patch(
     memory_gb: float = 2.0,
     prepend_bos: bool = False,
     remote: Remote = False,
+    api_key: str | None = None,
     progress: bool = True,
     checkpoint_dir: Any = None,
+    allow_nonfinite: bool = False,
 ) -> Attribution:
     """Exact activation patching of every node of ``nodes`` × ``layers``, one node at a time.
 
     Returns per-pair signed effects, their mean (``mean_effect``) and ``score = |mean|``.
+    Non-finite effects raise unless ``allow_nonfinite``.
     """
-    tok = prepare_pairs(model, pairs, prepend_bos)
+    tok, metric_name, metric_fn = prepare_run(model, pairs, metric, prepend_bos)
     adapter = get_adapter(model)
     seq_len = common_length(tok) if per_position else None
     layout = NodeLayout.build(adapter, nodes, layers, seq_len)
-    metric_name, metric_fn = resolve_metric(metric)
     effects, base, cost = run_node_sets(
         model,
         tok,
@@ -298,12 +312,13 @@ def patch(
         batch_size=batch_size,
         memory_gb=memory_gb,
         remote=remote,
+        api_key=api_key,
         progress=progress,
         checkpoint_dir=checkpoint_dir,
     )
     mean = effects.mean(0)
-    return Attribution(
-        nodes=layout.table(),
+    result = Attribution(
+        nodes=layout,
         scores=np.abs(mean),
         per_pair=effects,
         mean_effect=mean,
@@ -321,6 +336,8 @@ def patch(
             "kinds": list(layout.kinds),
         },
     )
+    check_finite_scores(result, allow_nonfinite)
+    return result
 
 
 def patch_sets(
@@ -335,6 +352,7 @@ def patch_sets(
     memory_gb: float = 2.0,
     prepend_bos: bool = False,
     remote: Remote = False,
+    api_key: str | None = None,
     progress: bool = True,
 ) -> tuple[np.ndarray, float]:
     """Effects ``[pairs, sets]`` of patching each node set as a whole, and the cost.
@@ -342,7 +360,7 @@ def patch_sets(
     ``sets`` are lists of :class:`Node`, or, with ``layout``, lists of flat node indices of
     that layout (the row numbers of a result's node table).
     """
-    tok = prepare_pairs(model, pairs, prepend_bos)
+    tok, _, metric_fn = prepare_run(model, pairs, metric, prepend_bos)
     if layout is None:
         node_sets = NodeSets.from_nodes(sets, get_adapter(model))
     else:
@@ -352,10 +370,11 @@ def patch_sets(
         tok,
         node_sets,
         direction=direction,
-        metric=resolve_metric(metric)[1],
+        metric=metric_fn,
         batch_size=batch_size,
         memory_gb=memory_gb,
         remote=remote,
+        api_key=api_key,
         progress=progress,
     )
     return effects, cost

@@ -421,12 +421,20 @@ def qk_estimates(
 # --------------------------------------------------------------------------------------------
 # one layer, many gradients, bounded memory (used by the AtP* engine)
 # --------------------------------------------------------------------------------------------
-QK_TEMPORARIES = 16
-"""float32 ``[rows, keys]`` temporaries per (batch row, query head) that the per-position key
-fix holds at once; the chunk size of :func:`layer_estimates` is derived from it."""
+QK_TEMPORARIES = {"key_per_position": 16, "other": 6}
+"""float32 ``[rows, keys]`` temporaries per (batch row, query head) that :func:`layer_estimates`
+holds at once: the per-position key fix, or the query / joint key fixes alone."""
 
-QK_CHUNK_BYTES = 2**28
-"""Default memory bound (bytes) of :func:`layer_estimates`' temporaries: 256 MiB."""
+QK_CHUNK_BYTES = (2**20, 2**28)
+"""Bounds (bytes) of the default memory budget of :func:`layer_estimates`' temporaries."""
+
+
+def default_chunk_bytes(batch: int, seq_len: int, width: int) -> int:
+    """Memory budget of the QK fix's temporaries for one layer: four float32 tensors of the
+    attention output's size (``batch × seq_len × width``, width = query heads × head_dim), so
+    the fix never dominates a layer's own activations; clamped to :data:`QK_CHUNK_BYTES`."""
+    low, high = QK_CHUNK_BYTES
+    return int(min(high, max(low, 4 * 4 * batch * seq_len * width)))
 
 
 def _attend(probs: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -448,11 +456,11 @@ def _rows_of_mask(mask: torch.Tensor | None, heads: slice, rows: slice) -> torch
 
 
 def chunk_sizes(
-    batch: int, n_kv: int, group: int, t_q: int, t_k: int, max_bytes: int
+    batch: int, n_kv: int, group: int, t_q: int, t_k: int, max_bytes: int, temporaries: int
 ) -> tuple[int, int]:
-    """``(KV heads per chunk, query rows per chunk)`` keeping the key fix's temporaries
-    (``QK_TEMPORARIES`` float32 ``[batch, heads, rows, t_k]``) under ``max_bytes``."""
-    per_row_head = batch * t_k * 4 * QK_TEMPORARIES
+    """``(KV heads per chunk, query rows per chunk)`` keeping ``temporaries`` float32
+    ``[batch, heads, rows, t_k]`` tensors under ``max_bytes``."""
+    per_row_head = batch * t_k * 4 * temporaries
     row_heads = max(1, max_bytes // per_row_head)
     kv_chunk = max(1, min(n_kv, row_heads // (group * t_q)))
     rows = t_q if kv_chunk * group * t_q <= row_heads else max(1, row_heads // group)
@@ -465,7 +473,7 @@ def layer_estimates(
     k_source: torch.Tensor | None,
     grads_z: list[torch.Tensor],
     per_position: bool,
-    max_bytes: int = QK_CHUNK_BYTES,
+    max_bytes: int | None = None,
 ) -> list[dict[str, torch.Tensor]]:
     """QK-fixed estimates of one layer's query and/or key nodes for several gradients.
 
@@ -497,7 +505,10 @@ def layer_estimates(
         if k_source is not None:
             est["k"] = zeros((b, n_kv, t_k if per_position else 1), dtype=torch.float32)
         out.append(est)
-    kv_chunk, rows = chunk_sizes(b, n_kv, group, t_q, t_k, max_bytes)
+    if max_bytes is None:
+        max_bytes = default_chunk_bytes(b, t_q, n_q * q.shape[-1])
+    kind = "key_per_position" if k_source is not None and per_position else "other"
+    kv_chunk, rows = chunk_sizes(b, n_kv, group, t_q, t_k, max_bytes, QK_TEMPORARIES[kind])
     for h0 in range(0, n_kv, kv_chunk):
         kv = slice(h0, min(n_kv, h0 + kv_chunk))
         hq = slice(kv.start * group, kv.stop * group)

@@ -28,15 +28,6 @@ SUMMED_LENGTHS = (6, 5, 6, 6)  # two token lengths; with pairs_per_chunk=2: thre
 PER_POSITION_LENGTHS = (6, 6, 6)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run much faster (and steadier on a busy machine) on one thread."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @functools.cache
 def nn_model(family: str):
     return tiny_model(family, n_layers=N_LAYERS, seed=SEED)

@@ -12,7 +12,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -379,14 +378,6 @@ def test_brute_force_order_and_expected_cost():
 
 KINDS = ["head", "neuron"]
 BATCH = 64  # 3 pairs: 170 sets per patching session, more than any call below
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @functools.cache

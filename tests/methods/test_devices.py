@@ -46,15 +46,6 @@ PER_POSITION_LENGTHS = (5, 5)
 IDS = torch.tensor([[3, 14, 15, 92, 65, 35]])
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run much faster (and steadier on a busy machine) on one thread."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @functools.cache
 def model(family: str):
     return tiny_model(family, n_layers=N_LAYERS, seed=11)

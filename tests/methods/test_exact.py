@@ -11,7 +11,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -28,15 +27,6 @@ SEED = 3
 N_LAYERS = 2
 LOOP_TOL = 1e-5  # batched vs one patch per forward (same code, different batch composition)
 REF_TOL = 1e-4  # nnsight vs plain PyTorch
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run much faster (and steadier on a busy machine) on one thread."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @functools.cache

@@ -47,29 +47,10 @@ SUMMED_LENGTHS = (6, 5, 6)  # two token lengths: two chunks
 PER_POSITION_LENGTHS = (6, 6)
 TOL = {"rtol": 1e-4, "atol": 1e-5}
 
-MULTIMODAL_VOCAB = pytest.mark.xfail(
-    strict=True,
-    raises=AttributeError,
-    reason="methods/exact.py sizes batches from config.vocab_size, which multimodal configs "
-    "keep in text_config (needs config.get_text_config().vocab_size)",
-)
-
 
 def family_params(*extra: tuple) -> list:
-    """``family`` parameters (crossed with ``extra``), exact patching of ``gemma3`` xfailed."""
-    rows = [(f, *e) for f in FAMILIES for e in (extra or [()])]
-    return [
-        pytest.param(*row, marks=MULTIMODAL_VOCAB if row[0] == "gemma3" else ()) for row in rows
-    ]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run much faster (and steadier on a busy machine) on one thread."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+    """``family`` parameters (crossed with ``extra``)."""
+    return [(f, *e) for f in FAMILIES for e in (extra or [()])]
 
 
 @functools.cache
