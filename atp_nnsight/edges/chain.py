@@ -3,7 +3,7 @@
 One forward of the source prompts keeps, per layer, the per-head outputs ``z`` and the MLP
 write; the base forward turns them into every upstream node's write difference
 ``Δu = u(source) - u(base)`` (:func:`upstream_writes`), held per layer on that layer's device
-as ``[B, T, H + 1, d]`` (heads, then the MLP; the embedding difference first). The backward
+as ``[B, H + 1, T, d]`` (heads, then the MLP; the embedding difference first). The backward
 then walks down the layers (:func:`backward_chain`) with each *stream* (the full backward,
 and with GradDrop one per dropped layer): the gradient at a layer's output is also the
 gradient at each of its residual writes, so VJPs from the MLP write to the MLP input and from
@@ -74,13 +74,13 @@ def source_pass(model, chunk, source_ids, clean_target, noise_target):
 
 
 def upstream_writes(model, chunk, layer, sites, source):
-    """``Δu`` of ``layer``'s heads and MLP, ``[B, T, H + 1, d]`` on the layer's device."""
+    """``Δu`` of ``layer``'s heads and MLP, ``[B, H + 1, T, d]`` on the layer's device."""
     adapter = chunk["adapter"]
     out_proj = getattr(getattr(adapter.layer(model, layer), adapter.attn), adapter.out_proj)
     delta_z = source["head"] - sites["z"].detach()
     heads = head_writes(out_proj, delta_z, adapter.n_heads)
-    mlp = (source["mlp_out"] - sites["mlp_out"].detach()).unsqueeze(2)
-    return torch.cat([heads, mlp.to(heads.dtype)], dim=2)
+    mlp = (source["mlp_out"] - sites["mlp_out"].detach()).unsqueeze(1)
+    return torch.cat([heads, mlp.to(heads.dtype)], dim=1)
 
 
 def _expand_call(call, p):
@@ -98,7 +98,7 @@ def _expand_call(call, p):
 
 def _qk_fixed(chunk, sites, blocks, grads_z):
     """QK-fixed edge values into the layer's queries and keys, per stream: ``(q [B, H, U],
-    k [B, Hkv, U])`` on the CPU, for the upstream writes ``blocks`` (each ``[B, T, U_i, d]``).
+    k [B, Hkv, U])`` on the CPU, for the upstream writes ``blocks`` (each ``[B, U_i, T, d]``).
 
     Each upstream write shifts the attention's residual copy; the shifted q (k) is exact
     through the norm, projections and rotary (:func:`shifted_call`), and the softmax is
@@ -115,8 +115,8 @@ def _qk_fixed(chunk, sites, blocks, grads_z):
     q_parts = [[] for _ in range(n_streams)]
     k_parts = [[] for _ in range(n_streams)]
     for block in blocks:
-        for u0 in range(0, block.shape[2], step):
-            shifts = block[:, :, u0 : u0 + step].permute(2, 0, 1, 3)  # [P, B, T, d]
+        for u0 in range(0, block.shape[1], step):
+            shifts = block[:, u0 : u0 + step].transpose(0, 1)  # [P, B, T, d]
             p = shifts.shape[0]
             dq, dk = shifted_call(sites, shifts, ("q", "k"))
             q_new = (call["q"].detach().unsqueeze(0) + dq).flatten(0, 1)
@@ -166,7 +166,7 @@ def layer_step(chunk, layer, sites, streams, ups, continue_below):
     blocks_attn = ups[: 1 + layer]
     blocks_mlp = list(blocks_attn)
     if not info["parallel"]:
-        blocks_mlp.append(ups[1 + layer][:, :, : adapter.n_heads])
+        blocks_mlp.append(ups[1 + layer][:, : adapter.n_heads])
     fixed = None
     if qk:
         grads_z = []
@@ -181,12 +181,12 @@ def layer_step(chunk, layer, sites, streams, ups, continue_below):
     for i, sid in enumerate(ids):
         g_mlp = mlp_grads.pop(sid)
         g_attn = copy_grads(sites, grads.pop(sid)[:3], i == len(ids) - 1)
-        attn = contract(blocks_attn, g_attn, {}).transpose(1, 2)
+        attn = contract(blocks_attn, g_attn).transpose(1, 2)
         if fixed is not None:
             q_fix, k_fix = fixed[i]
             attn[:, :n_q] = q_fix
             attn[:, n_q : n_q + n_kv] = k_fix
-        mlp = contract(blocks_mlp, g_mlp.unsqueeze(0), {}).transpose(1, 2)
+        mlp = contract(blocks_mlp, g_mlp.unsqueeze(0)).transpose(1, 2)
         values[sid] = {"attn": attn, "mlp": mlp}
         if continue_below:
             resid = sites["resid"]
@@ -207,7 +207,7 @@ def backward_chain(chunk, metric, layer_sites, ups):
     graddrop = chunk["graddrop"]
     top = layer_sites[n_layers - 1]["out"]
     (g_top,) = torch.autograd.grad(metric.sum(), [top])
-    logits = contract(ups, g_top.unsqueeze(0), {}).transpose(1, 2)
+    logits = contract(ups, g_top.unsqueeze(0)).transpose(1, 2)
     pieces = {n_layers: logits}
     gd_pieces = {n_layers: logits.abs()}
     streams = {FULL: g_top}

@@ -41,7 +41,7 @@ def base_pass(model, chunk, base_ids, source, on_input):
         sites = collect_layer(model, chunk, layer, on_input if layer == 0 else None)
         kept = source.pop(layer)
         if layer == 0:
-            ups.append((kept["resid"] - sites["resid"].detach()).unsqueeze(2))
+            ups.append((kept["resid"] - sites["resid"].detach()).unsqueeze(1))
         ups.append(upstream_writes(model, chunk, layer, sites, kept))
         layer_sites[layer] = sites
     return layer_sites, ups

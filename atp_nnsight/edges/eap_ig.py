@@ -40,7 +40,7 @@ def eap_ig_body(model, chunk):
             if ups is None:
                 layer_sites, ups = base_pass(model, chunk, base_ids, source, _require_grad)
             else:
-                shift = _interpolate(ups[0].squeeze(2), k / n_steps)
+                shift = _interpolate(ups[0].squeeze(1), k / n_steps)
                 layer_sites = {
                     layer: collect_layer(model, chunk, layer, shift if layer == 0 else None)
                     for layer in range(n_layers)

@@ -55,14 +55,14 @@ def _unpack(packed, n_edges):
 
 def _mix(mask, ups, device):
     """``[N, R, T, d]`` on ``device``: ``Σ_u mask[r, n, u] · D_u[r]`` over the upstream blocks
-    ``ups`` (each ``[R, T, U_i, d]`` or None when unused; ``mask`` ``[R, N, Σ U_i]``)."""
+    ``ups`` (each ``[R, U_i, T, d]`` or None when unused; ``mask`` ``[R, N, Σ U_i]``)."""
     total, start = None, 0
     for block, width in ups:
         m = mask[:, :, start : start + width]
         start += width
         if block is None or not bool(m.any()):
             continue
-        part = torch.einsum("rnu,rtud->nrtd", m.to(block.device, block.dtype), block)
+        part = torch.einsum("rnu,rutd->nrtd", m.to(block.device, block.dtype), block)
         part = part.to(device)
         total = part if total is None else total + part
     return total
@@ -102,7 +102,7 @@ def _patched_forward(model, chunk, batch, source, masks):
     used = batch["used"]
     per_layer = n_q + 1
     with model.trace(base_ids[pair], use_cache=False):
-        ups = []  # (D block [R, T, U, d] or None, U): source minus run, per upstream block
+        ups = []  # (D block [R, U, T, d] or None, U): source minus run, per upstream block
         for layer in range(n_layers):
             attn_off, mlp_off = chunk["offsets"][layer]
             feed = 1 + layer * per_layer
@@ -117,7 +117,7 @@ def _patched_forward(model, chunk, batch, source, masks):
                 sites[name] = value
                 if name == "resid" and layer == 0:
                     src = source["emb"][pair.to(source["emb"].device)]
-                    ups.append(((src - value).unsqueeze(2) if bool(used[0]) else None, 1))
+                    ups.append(((src - value).unsqueeze(1) if bool(used[0]) else None, 1))
                 elif name == "attn_in" and patch_attn:
                     leaf = value.detach().requires_grad_(True)
                     handle.input = leaf
@@ -148,7 +148,7 @@ def _patched_forward(model, chunk, batch, source, masks):
                     block = None
                     if bool(used[feed + n_q]):
                         src = source["mlp_out"][layer][pair.to(value.device)]
-                        block = (src - value.detach()).unsqueeze(2)
+                        block = (src - value.detach()).unsqueeze(1)
                     ups.append(heads)
                     ups.append((block, 1))
                 elif name == "out":

@@ -92,18 +92,18 @@ def cut_call(op, first, call):
 
 
 def head_writes(out_proj, delta_z, n_heads):
-    """Each head's change of its residual write: ``[B, T, H, d]`` for ``Δz`` ``[B, T, H*D]``.
+    """Each head's change of its residual write: ``[B, H, T, d]`` for ``Δz`` ``[B, T, H*D]``.
 
     ``out_proj(mask_h ⊙ Δz) - out_proj(0)`` for every head ``h`` in one call of the output
-    projection module on ``[B, T, H, H*D]`` (the bias, if any, cancels). No gradient.
+    projection module on ``[B, H, T, H*D]`` (the bias, if any, cancels). No gradient.
     """
     b, t, width = delta_z.shape
     eye = torch.eye(n_heads, device=delta_z.device, dtype=delta_z.dtype)
-    masked = delta_z.reshape(b, t, 1, n_heads, width // n_heads) * eye.reshape(
-        1, 1, n_heads, n_heads, 1
+    masked = delta_z.reshape(b, 1, t, n_heads, width // n_heads) * eye.reshape(
+        1, n_heads, 1, n_heads, 1
     )
     with torch.no_grad():
-        out = out_proj(masked.reshape(b, t, n_heads, width))
+        out = out_proj(masked.reshape(b, n_heads, t, width))
         return out - out_proj(delta_z.new_zeros(1, width))
 
 
@@ -192,19 +192,21 @@ def shifted_call(sites, shifts, kinds):
     return tuple(out)
 
 
-def contract(blocks, grads, device_cache):
-    """Per-pair edge values ``[B, U, N]`` on the CPU: ``Σ_{t,d} write[b,t,u,d] · grad[n,b,t,d]``
-    for the upstream writes ``blocks`` (each ``[B, T, U_i, d]``, on its own device, concatenated
+def contract(blocks, grads):
+    """Per-pair edge values ``[B, U, N]`` on the CPU: ``Σ_{t,d} write[b,u,t,d] · grad[n,b,t,d]``
+    for the upstream writes ``blocks`` (each ``[B, U_i, T, d]``, on its own device, concatenated
     along ``U``) and downstream gradients ``grads`` ``[N, B, T, d]``.
 
-    Each block is reduced on its own device (``grads`` moved there once per device, float32,
-    kept in ``device_cache``); only the reduced values move to the CPU.
+    Each block is reduced on its own device with one batched matrix product (``grads`` laid
+    out as ``[B, T*d, N]`` in float32 once per device); only the reduced values move to the CPU.
     """
-    out = []
+    out, laid_out = [], {}
+    b, n = grads.shape[1], grads.shape[0]
     for block in blocks:
-        g = device_cache.get(block.device)
+        g = laid_out.get(block.device)
         if g is None:
-            g = grads.to(block.device).float()
-            device_cache[block.device] = g
-        out.append(torch.einsum("btud,nbtd->bun", block.float(), g).to("cpu"))
+            g = grads.to(block.device).float().permute(1, 2, 3, 0).reshape(b, -1, n)
+            laid_out[block.device] = g
+        w = block.float().reshape(b, block.shape[1], -1)
+        out.append(torch.bmm(w, g).to("cpu"))
     return torch.cat(out, dim=1)
