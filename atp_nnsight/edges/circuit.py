@@ -33,7 +33,7 @@ from atp_nnsight.results import atomic_paths
 SELECTIONS = ("topk", "greedy")
 
 
-def _receivers(graph: EdgeGraph) -> np.ndarray:
+def edge_receivers(graph: EdgeGraph) -> np.ndarray:
     """Per edge, the node ids receiving it, ``[n_edges, group]`` padded with -1.
 
     Node ids: the upstream order (``input`` = 0, then per layer its heads and its MLP), and
@@ -60,7 +60,7 @@ def _receivers(graph: EdgeGraph) -> np.ndarray:
 def _remove_dangling(graph: EdgeGraph, keep: np.ndarray) -> np.ndarray:
     """``keep`` without its dangling edges (module docstring), to a fixed point."""
     up_idx, _ = graph.edge_ends()
-    receivers = _receivers(graph)
+    receivers = edge_receivers(graph)
     n_nodes = graph.n_upstream + 1
     keep = keep.copy()
     while True:
@@ -80,7 +80,7 @@ def _remove_dangling(graph: EdgeGraph, keep: np.ndarray) -> np.ndarray:
 def _greedy(graph: EdgeGraph, scores: np.ndarray, k: int) -> np.ndarray:
     """EAP-IG's greedy selection (module docstring): a bool mask of ``k`` edges."""
     up_idx, _ = graph.edge_ends()
-    receivers = _receivers(graph)
+    receivers = edge_receivers(graph)
     into: dict[int, list[int]] = {}
     for edge, nodes in enumerate(receivers):
         for node in nodes[nodes >= 0]:
@@ -138,21 +138,22 @@ class Circuit:
         """One row per circuit edge: the edge table plus ``name``, ``receivers`` and ``score``."""
         table = self.graph.edge_table().iloc[self.edges].reset_index(drop=True)
         table.insert(0, "name", edge_names(table))
-        names = self._node_names()
-        receivers = _receivers(self.graph)[self.edges]
+        names = self.node_names()
+        receivers = edge_receivers(self.graph)[self.edges]
         table["receivers"] = [[names[r] for r in row if r >= 0] for row in receivers]
         table["score"] = self.scores
         return table
 
-    def _node_names(self) -> list[str]:
+    def node_names(self) -> list[str]:
+        """Every node name of the graph by node id (upstream order, then the logits)."""
         return [*self.graph.upstream_table()["name"], "logits"]
 
     def nodes(self) -> list[str]:
         """Names of the nodes the circuit's edges connect, in graph order."""
         up_idx, _ = self.graph.edge_ends()
         ids = set(up_idx[self.edges].tolist())
-        ids |= {int(r) for r in _receivers(self.graph)[self.edges].ravel() if r >= 0}
-        names = self._node_names()
+        ids |= {int(r) for r in edge_receivers(self.graph)[self.edges].ravel() if r >= 0}
+        names = self.node_names()
         return [names[i] for i in sorted(ids)]
 
     def to_dict(self) -> dict[str, Any]:
