@@ -15,10 +15,12 @@ from atp_nnsight.edges import eap, eap_ig
 from atp_nnsight.edges.graph import EdgeGraph
 from atp_nnsight.edges.results import EdgeAttribution
 from atp_nnsight.methods.common import model_name, prepare_pairs, roles_of
-from atp_nnsight.methods.qk_fix import QK_CHUNK_BYTES
 from atp_nnsight.metrics import Metric, resolve_metric
 from atp_nnsight.remote import Remote, run_chunks
 from atp_nnsight.types import check_direction
+
+QK_BYTES = 2**28
+"""Default bound (bytes) on the edge QK fix's temporaries per chunk of upstream nodes."""
 
 METHODS: dict[str, dict[str, bool]] = {
     "eap": {"qk": False, "graddrop": False, "ig": False},
@@ -39,7 +41,7 @@ def attribute_edges(
     direction: str = "noising",
     metric: str | Metric = "logit-diff",
     pairs_per_chunk: int = 8,
-    qk_chunk_bytes: int = QK_CHUNK_BYTES,
+    qk_chunk_bytes: int = QK_BYTES,
     prepend_bos: bool = False,
     remote: Remote = False,
     progress: bool = True,
