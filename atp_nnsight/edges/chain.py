@@ -190,7 +190,8 @@ def layer_step(chunk, layer, sites, streams, ups, continue_below):
         values[sid] = {"attn": attn, "mlp": mlp}
         if continue_below:
             resid = sites["resid"]
-            below[sid] = streams[sid].to(resid.device) + g_mlp.to(resid.device) + g_attn.sum(0)
+            g_copies = g_attn.sum(0).to(resid.device)
+            below[sid] = streams[sid].to(resid.device) + g_mlp.to(resid.device) + g_copies
     return values, below
 
 

@@ -71,7 +71,7 @@ def _mix(mask, ups, device):
 def _patch_attention(sites, op, first, mask, ups, layout):
     """Replace the call's q, k, v by their patched values (rows and heads with a patch)."""
     call = sites["call"]
-    device = sites["resid"].device
+    device = sites["attn_in"].device
     n_q, n_kv = layout
     counts = {"q": n_q, "k": n_kv, "v": n_kv}
     args, kwargs = op.inputs
@@ -85,7 +85,7 @@ def _patch_attention(sites, op, first, mask, ups, layout):
         if active:
             shifts = _mix(m[:, active], ups, device)
             (delta,) = shifted_call(sites, shifts, (kind,))
-            rows = m[:, active].any(2).to(device, delta.dtype)  # [R, A]
+            rows = m[:, active].any(2).to(new.device, delta.dtype)  # [R, A]
             for j, unit in enumerate(active):
                 new[:, unit] += delta[j, :, unit] * rows[:, j, None, None]
         args[first + i] = new
@@ -140,8 +140,9 @@ def _patched_forward(model, chunk, batch, source, masks):
                     mix_ups = ups + ([heads] if not info["parallel"] else [])
                     shift = _mix(m_mlp, mix_ups, value.device)[0]
                     norm = getattr(adapter.layer(model, layer), info["mlp_norm"])
+                    copy = sites["mlp_copy"].to(value.device)  # GPT-J: the layer input
                     with torch.no_grad():
-                        moved = norm(sites["mlp_copy"] + shift.to(sites["mlp_copy"].dtype))
+                        moved = norm(copy + shift.to(copy.dtype))
                     rows = m_mlp.any(2).to(value.device)  # [R, 1]
                     handle.input = torch.where(rows[:, :, None], moved, value)
                 elif name == "mlp_out":

@@ -173,22 +173,24 @@ def shifted_call(sites, shifts, kinds):
     """
     resid, attn_in, call = sites["resid"], sites["attn_in"], sites["call"]
     p = shifts.shape[0]
+    here = attn_in.device  # the norm's device (the layer input may still be on the one before)
     with torch.no_grad():
-        moved = resid.detach().unsqueeze(0) + shifts.to(resid.device, resid.dtype)
+        moved = resid.detach().to(here).unsqueeze(0) + shifts.to(here, resid.dtype)
         shifted = sites["attn_norm"](moved.flatten(0, 1))
         delta_in = shifted.unflatten(0, (p, -1)) - attn_in.detach().unsqueeze(0)
     out = []
     for kind in kinds:
         norm = sites.get(kind + "_norm")
         if norm is None:
-            out.append(_jvp(call[kind], attn_in, delta_in))
+            out.append(_jvp(call[kind], attn_in, delta_in).to(call[kind].device))
             continue
         norm_in, norm_out = norm
-        delta_pre = _jvp(norm_in, attn_in, delta_in)
+        delta_pre = _jvp(norm_in, attn_in, delta_in).to(norm_in.device)
         with torch.no_grad():
             pre = norm_in.detach().unsqueeze(0) + delta_pre
             post = sites[kind + "_norm_module"](pre.flatten(0, 1)).unflatten(0, (p, -1))
-        out.append(_jvp(call[kind], norm_out, post - norm_out.detach().unsqueeze(0)))
+        tangent = post.to(norm_out.device) - norm_out.detach().unsqueeze(0)
+        out.append(_jvp(call[kind], norm_out, tangent).to(call[kind].device))
     return tuple(out)
 
 
