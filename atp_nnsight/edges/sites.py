@@ -199,8 +199,9 @@ def contract(blocks, grads):
     for the upstream writes ``blocks`` (each ``[B, U_i, T, d]``, on its own device, concatenated
     along ``U``) and downstream gradients ``grads`` ``[N, B, T, d]``.
 
-    Each block is reduced on its own device with one batched matrix product (``grads`` laid
-    out as ``[B, T*d, N]`` in float32 once per device); only the reduced values move to the CPU.
+    Each block is reduced on its own device with one batched matrix product in float32
+    (autocast off; ``grads`` laid out as ``[B, T*d, N]`` once per device); only the reduced
+    values move to the CPU.
     """
     out, laid_out = [], {}
     b, n = grads.shape[1], grads.shape[0]
@@ -210,5 +211,6 @@ def contract(blocks, grads):
             g = grads.to(block.device).float().permute(1, 2, 3, 0).reshape(b, -1, n)
             laid_out[block.device] = g
         w = block.float().reshape(b, block.shape[1], -1)
-        out.append(torch.bmm(w, g).to("cpu"))
+        with torch.autocast(block.device.type, enabled=False):  # NDIF runs under autocast
+            out.append(torch.bmm(w, g).to("cpu"))
     return torch.cat(out, dim=1)
