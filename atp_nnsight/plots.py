@@ -513,6 +513,16 @@ def _token_label(tok: Any) -> str:
     return s if s.strip() else repr(str(tok))
 
 
+def _position_axis(ax: Axes, n_pos: int, tokens: Sequence[str] | None) -> None:
+    """Positions on the x axis, labelled with ``tokens`` when given."""
+    if tokens is not None:
+        ax.set_xticks(np.arange(n_pos), [_token_label(t) for t in tokens], rotation=90)
+        ax.set_xlabel("token (position 0 = first)")
+    else:
+        _ticks(ax, "x", list(range(n_pos)))
+        ax.set_xlabel("position (0 = first token)")
+
+
 def position_heatmap(
     result: Attribution,
     kind: str,
@@ -546,12 +556,7 @@ def position_heatmap(
         fig, ax = _figure(ax, figsize)
         _heat(fig, ax, matrix, signed, f"{label}\n({agg_text})")
         _ticks(ax, "y", layers)
-        if tokens is not None:
-            ax.set_xticks(np.arange(n_pos), [_token_label(t) for t in tokens], rotation=90)
-            ax.set_xlabel("token (position 0 = first)")
-        else:
-            _ticks(ax, "x", list(range(n_pos)))
-            ax.set_xlabel("position (0 = first token)")
+        _position_axis(ax, n_pos, tokens)
         ax.set_ylabel("layer")
         if title is None:
             title = (
@@ -881,12 +886,7 @@ def top_units_by_position(
         fig, ax = _figure(ax, figsize)
         _heat(fig, ax, matrix, signed, label)
         ax.set_yticks(np.arange(n_units), labels)
-        if tokens is not None:
-            ax.set_xticks(np.arange(n_pos), [_token_label(t) for t in tokens], rotation=90)
-            ax.set_xlabel("clean prompt token (position 0 = first)")
-        else:
-            _ticks(ax, "x", list(range(n_pos)))
-            ax.set_xlabel("position (0 = first token)")
+        _position_axis(ax, n_pos, tokens)
         if title is None:
             title = (
                 f"{method_label(result.method)}: top {n_units} units by position\n"

@@ -862,41 +862,32 @@ def write_report(
                     table_ids[name],
                 )
 
-        # -- exact effects -----------------------------------------------------------------
+        # -- exact effects: of every node (exact=) or of the verified ones -----------------
+        shown: tuple[Attribution, str, interactive.NodeInfo, str | None] | None = None
         if exact is not None and exact.mean_effect is not None:
             exact_info = interactive.NodeInfo(exact, exact.mean_effect, "")
-            for kind in (k for k in HEATMAP_KINDS if k in _kinds(exact)):
-                cap = _effect_caption(kind, "exact", exact.direction)
-                if _per_position(exact):
-                    cap += _esc(" Per-position nodes: the sum over positions of |effect|.")
-                target = next(
-                    (table_ids[n] for n, r in results.items() if r.method == "exact"), None
-                )
-                add(
-                    "Exact effects",
-                    _unit_heatmap(
-                        exact, kind, "mean_effect", exact_info, f"exact patching: {kind} nodes"
-                    ),
-                    plots.head_heatmap(exact, kind, value="mean_effect"),
-                    f"exact_{kind}_effect.png",
-                    cap,
-                    target,
-                )
+            table = next((table_ids[n] for n, r in results.items() if r.method == "exact"), None)
+            shown = (exact, "mean_effect", exact_info, table)
         elif _verified(main):
-            vals, _, _ = plots._values(main, "verified")
-            for kind in (k for k in HEATMAP_KINDS if k in _kinds(main)):
-                sel = (main.nodes["kind"] == kind).to_numpy()
-                if not np.isfinite(vals[sel]).any():
+            shown = (main, "verified", main_info, main_table)
+        if shown is not None:
+            r, value, info, table = shown
+            source = "exact" if value == "mean_effect" else "verified"
+            what = "exact patching" if source == "exact" else "verified exact effect"
+            vals, _, _ = plots._values(r, value)
+            for kind in (k for k in HEATMAP_KINDS if k in _kinds(r)):
+                if not np.isfinite(vals[(r.nodes["kind"] == kind).to_numpy()]).any():
                     continue
+                caption = _effect_caption(kind, source, r.direction)
+                if _per_position(r):
+                    caption += _esc(" Per-position nodes: the sum over positions of |effect|.")
                 add(
                     "Exact effects",
-                    _unit_heatmap(
-                        main, kind, "verified", main_info, f"verified exact effect: {kind} nodes"
-                    ),
-                    plots.head_heatmap(main, kind, value="verified"),
-                    f"verified_{kind}_effect.png",
-                    _effect_caption(kind, "verified", main.direction),
-                    main_table,
+                    _unit_heatmap(r, kind, value, info, f"{what}: {kind} nodes"),
+                    plots.head_heatmap(r, kind, value=value),
+                    f"{source}_{kind}_effect.png",
+                    caption,
+                    table,
                 )
 
         # -- per-position views ------------------------------------------------------------

@@ -120,6 +120,26 @@ class Browser:
                     return self.events.pop(i)
             self.events.append(json.loads(self.socket.recv()))
 
+    def open(self, report: Path) -> None:
+        """Load ``report`` at WIDTH x HEIGHT, recording console, log and network events, and
+        wait until plotly has drawn every figure."""
+        for domain in ("Runtime", "Log", "Page", "Network"):
+            self.send(f"{domain}.enable")
+        self.send(
+            "Emulation.setDeviceMetricsOverride",
+            width=WIDTH,
+            height=HEIGHT,
+            deviceScaleFactor=1,
+            mobile=False,
+        )
+        self.send("Page.navigate", url=report.resolve().as_uri())
+        self.wait_for("Page.loadEventFired")
+        expected = str(self.js("document.querySelectorAll('.plot').length"))
+        deadline = time.monotonic() + 60
+        while self.js("document.body.getAttribute('data-figures-rendered')") != expected:
+            assert time.monotonic() < deadline, "figures did not render within 60 s"
+            time.sleep(0.2)
+
     def js(self, expression: str) -> Any:
         out = self.send(
             "Runtime.evaluate", expression=expression, returnByValue=True, awaitPromise=True
@@ -181,22 +201,7 @@ def page(report, tmp_path_factory) -> Iterator[Browser]:
     path, _ = report
     browser = Browser(tmp_path_factory.mktemp("chromium-profile"))
     try:
-        for domain in ("Runtime", "Log", "Page", "Network"):
-            browser.send(f"{domain}.enable")
-        browser.send(
-            "Emulation.setDeviceMetricsOverride",
-            width=WIDTH,
-            height=HEIGHT,
-            deviceScaleFactor=1,
-            mobile=False,
-        )
-        browser.send("Page.navigate", url=path.resolve().as_uri())
-        browser.wait_for("Page.loadEventFired")
-        deadline = time.monotonic() + 60
-        expected = browser.js("document.querySelectorAll('.plot').length")
-        while browser.js("document.body.getAttribute('data-figures-rendered')") != str(expected):
-            assert time.monotonic() < deadline, "figures did not render within 60 s"
-            time.sleep(0.2)
+        browser.open(path)
         yield browser
     finally:
         browser.close()
@@ -370,22 +375,7 @@ def test_a_unit_cell_of_a_per_position_result_filters_every_position(tmp_path):
     path = write_report(tmp_path / "report", {"atp*": star}, settings={}, top_k=20)
     browser = Browser(tmp_path / "profile")
     try:
-        browser.send("Runtime.enable")
-        browser.send("Page.enable")
-        browser.send(
-            "Emulation.setDeviceMetricsOverride",
-            width=WIDTH,
-            height=HEIGHT,
-            deviceScaleFactor=1,
-            mobile=False,
-        )
-        browser.send("Page.navigate", url=path.resolve().as_uri())
-        browser.wait_for("Page.loadEventFired")
-        expected = browser.js("document.querySelectorAll('.plot').length")
-        deadline = time.monotonic() + 60
-        while browser.js("document.body.getAttribute('data-figures-rendered')") != str(expected):
-            assert time.monotonic() < deadline, "figures did not render within 60 s"
-            time.sleep(0.2)
+        browser.open(path)
         best = star.node(int(star.ranking()[0]))  # a head at one position
         unit = str(Node(best.kind, best.layer, best.index))
         in_table = [str(star.node(int(i))) for i in star.ranking()[:20]]
