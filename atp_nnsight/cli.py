@@ -545,6 +545,7 @@ def run_diagnose(args: argparse.Namespace) -> int:
             result,
             budget=args.verify,
             batch_size=args.batch_size,
+            checkpoint_dir=run.checkpoint("verify"),
             **options,
         )
         diagnosis = diagnose(
@@ -558,6 +559,7 @@ def run_diagnose(args: argparse.Namespace) -> int:
             delta=args.delta,
             seed=args.subset_seed,
             batch_size=args.batch_size,
+            checkpoint_dir=run.checkpoint("diagnose"),
             **options,
         )
         info = verified.metadata["verified"]
@@ -638,6 +640,7 @@ def run_main_job(args: argparse.Namespace) -> int:
             result,
             per_kind=args.verify,
             batch_size=args.batch_size,
+            checkpoint_dir=run.checkpoint("verify"),
             **options,
         )
         elapsed = run.elapsed()

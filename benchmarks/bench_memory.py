@@ -4,7 +4,8 @@ Tiny random Llama-shaped models with a 70B-like attention layout (64 query heads
 head_dim 2, hidden 128, MLP 256), L = 10, 20, 40, 80 layers and T = 16, 64, 256 tokens, 16
 pairs in one chunk, nodes head,q,k,v,neuron summed over positions. Every measurement runs in
 a fresh subprocess; the *activation peak* is the peak of live heap bytes during the call minus
-the value just before it (atp_nnsight/memory.py), after a warm-up call. Plain = noise forward
+the value just before it (atp_nnsight/memory.py), after a warm-up call on the same batch shape
+(a first call with a new shape allocates one-time caches). Plain = noise forward
 without grad, clean forward with grad from the embeddings, one backward (HF model, no nnsight;
 benchmarks/common.py).
 
@@ -55,14 +56,14 @@ def measure(what: str, n_layers: int, seq_len: int, n_pairs: int) -> dict:
     model = wide_model(n_layers)
     vocab = model._module.config.vocab_size
     tok = tokenize_pairs(random_token_pairs(n_pairs, seq_len, vocab), model.tokenizer)
-    warm = tokenize_pairs(random_token_pairs(1, seq_len, vocab, seed=1), model.tokenizer)
+    # warm-ups on the same batch shape: first calls with a new shape allocate one-time caches
     if what.startswith("plain"):
         n_backward = n_layers if what == "plain-L" else 1
         hf = model._module
-        plain_passes(hf, warm, 1, n_pairs)
+        plain_passes(hf, tok, 1, n_pairs)
         _, before, peak, seconds = peak_during(lambda: plain_passes(hf, tok, n_backward, n_pairs))
     else:
-        attribute(model, warm, KINDS, method=what, layers=[0, n_layers - 1], progress=False)
+        attribute(model, tok, KINDS, method=what, layers=[0, n_layers - 1], progress=False)
         _, before, peak, seconds = peak_during(
             lambda: attribute(
                 model, tok, KINDS, method=what, pairs_per_chunk=n_pairs, progress=False

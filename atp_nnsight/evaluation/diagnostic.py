@@ -51,6 +51,7 @@ from __future__ import annotations
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from statistics import NormalDist
 from typing import Any
 
@@ -323,6 +324,7 @@ def diagnose(
     metric: str | Metric | None = None,
     prepend_bos: bool = False,
     memory_gb: float = 2.0,
+    checkpoint_dir: str | Path | None = None,
 ) -> Diagnosis:
     """Look for large effects among ``result``'s unverified nodes (spec §9; module docstring).
 
@@ -342,8 +344,14 @@ def diagnose(
         estimate: a signed AtP-family result to use as the prediction ``Î`` (default: the
             result itself if signed, else ``attribute(..., method="atp+qk")``).
         direction, metric: default to the result's own.
+        checkpoint_dir: keep finished chunks there (subfolders ``verify``, ``estimate``,
+            ``subsets``); rerunning the same call resumes from them.
     """
     direction = check_direction(direction or result.direction)
+
+    def step(name: str) -> Path | None:
+        return None if checkpoint_dir is None else Path(checkpoint_dir) / name
+
     metric_name, metric_fn = resolve_result_metric(result, metric)
     layout = result_layout(model, result)
     if pairs is None:
@@ -376,6 +384,7 @@ def diagnose(
                     budget=k,
                     batch_size=batch_size,
                     memory_gb=memory_gb,
+                    checkpoint_dir=step("verify"),
                     **common,
                 )
                 before = float(info["cost"]) if info else 0.0
@@ -413,6 +422,7 @@ def diagnose(
             method=ESTIMATE_METHOD,
             layers=list(layout.layers),
             per_position=layout.per_position,
+            checkpoint_dir=step("estimate"),
             **common,
         )
         est_source = f"computed ({ESTIMATE_METHOD})"
@@ -446,6 +456,7 @@ def diagnose(
             layout=layout,
             batch_size=batch_size,
             memory_gb=memory_gb,
+            checkpoint_dir=step("subsets"),
             **common,
         )
         per_pair[:, nonempty] = eff

@@ -24,6 +24,7 @@ from __future__ import annotations
 import copy
 from collections import Counter
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -119,6 +120,7 @@ def verify(
     metric: str | Metric | None = None,
     prepend_bos: bool = False,
     memory_gb: float = 2.0,
+    checkpoint_dir: str | Path | None = None,
 ) -> Attribution:
     """Verify ``result``'s nodes in ranked order with exact patching; return an annotated copy.
 
@@ -138,6 +140,8 @@ def verify(
         chunk_size: nodes per ``patch_sets`` call (default: the whole budget without ``stop``,
             :data:`DEFAULT_CHUNK_WITH_STOP` with it).
         direction, metric: default to the result's own.
+        checkpoint_dir: keep finished patching chunks there (one subfolder per chunk of
+            nodes); rerunning the same call resumes from them.
 
     Returns:
         A copy of ``result`` (same scores, per-pair values and ``cost`` — the method's cost)
@@ -210,6 +214,9 @@ def verify(
             remote=remote,
             api_key=api_key,
             progress=progress,
+            checkpoint_dir=None
+            if checkpoint_dir is None
+            else Path(checkpoint_dir) / f"{first:06d}",
         )
         cost += c
         fired = False

@@ -354,11 +354,13 @@ def patch_sets(
     remote: Remote = False,
     api_key: str | None = None,
     progress: bool = True,
+    checkpoint_dir: Any = None,
 ) -> tuple[np.ndarray, float]:
     """Effects ``[pairs, sets]`` of patching each node set as a whole, and the cost.
 
     ``sets`` are lists of :class:`Node`, or, with ``layout``, lists of flat node indices of
-    that layout (the row numbers of a result's node table).
+    that layout (the row numbers of a result's node table). With ``checkpoint_dir`` finished
+    chunks are kept there and a rerun resumes from them.
     """
     tok, _, metric_fn = prepare_run(model, pairs, metric, prepend_bos)
     if layout is None:
@@ -376,5 +378,6 @@ def patch_sets(
         remote=remote,
         api_key=api_key,
         progress=progress,
+        checkpoint_dir=checkpoint_dir,
     )
     return effects, cost
