@@ -452,6 +452,21 @@ class _Run:
             file=sys.stderr,
         )
 
+    def rank(self) -> tuple[Any, dict[str, Any]]:
+        """Load, then rank with the AtP-family method (checkpointed); refuse nan/inf scores.
+        Returns the result and the run options the later steps share."""
+        self.load()
+        options = _run_options(self.args)
+        result = _attribute(
+            self.model,
+            self.pairs,
+            self.args,
+            checkpoint_dir=self.checkpoint("attribute"),
+            **options,
+        )
+        checks.check_finite_scores(result)
+        return result, options
+
     def checkpoint(self, step: str) -> Path:
         assert self.root is not None
         self.steps.append(step)
@@ -533,12 +548,7 @@ def run_diagnose(args: argparse.Namespace) -> int:
         from atp_nnsight.evaluation import diagnose, verified_table, verify
         from atp_nnsight.results import atomic_paths
 
-        run.load()
-        options = _run_options(args)
-        result = _attribute(
-            run.model, run.pairs, args, checkpoint_dir=run.checkpoint("attribute"), **options
-        )
-        checks.check_finite_scores(result)
+        result, options = run.rank()
         verified = verify(
             run.model,
             run.pairs,
@@ -627,12 +637,7 @@ def run_main_job(args: argparse.Namespace) -> int:
         from atp_nnsight.report import write_report
         from atp_nnsight.results import atomic_folder
 
-        run.load()
-        options = _run_options(args)
-        result = _attribute(
-            run.model, run.pairs, args, checkpoint_dir=run.checkpoint("attribute"), **options
-        )
-        checks.check_finite_scores(result)
+        result, options = run.rank()
         ranked_at = run.elapsed()
         verified = verify(
             run.model,
