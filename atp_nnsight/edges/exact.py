@@ -42,6 +42,9 @@ MAX_ROWS_PER_FORWARD = 64
 FORWARDS_PER_SESSION = 8
 """Patched forwards per session (chunk)."""
 
+NODES_PER_FORWARD = 4
+"""Distinct patched attention inputs that single-edge sets may share in one forward."""
+
 
 # --------------------------------------------------------------------------------------------
 # shipped: the session body
@@ -55,17 +58,29 @@ def _unpack(packed, n_edges):
 
 def _mix(mask, ups, device):
     """``[N, R, T, d]`` on ``device``: ``Σ_u mask[r, n, u] · D_u[r]`` over the upstream blocks
-    ``ups`` (each ``[R, U_i, T, d]`` or None when unused; ``mask`` ``[R, N, Σ U_i]``)."""
-    total, start = None, 0
+    ``ups`` (each ``[R, U_i, T, d]`` or None when unused; ``mask`` ``[R, N, Σ U_i]``).
+
+    Accumulated with batched matrix products on each block's device (one partial sum per
+    device), then moved to ``device``; None when no used block has a patched edge."""
+    partial, start, shape = {}, 0, None
     for block, width in ups:
         m = mask[:, :, start : start + width]
         start += width
         if block is None or not bool(m.any()):
             continue
-        part = torch.einsum("rnu,rutd->nrtd", m.to(block.device, block.dtype), block)
-        part = part.to(device)
-        total = part if total is None else total + part
-    return total
+        r, u, t, d = block.shape
+        shape = (r, mask.shape[1], t, d)
+        flat = block.reshape(r, u, t * d)
+        m = m.to(block.device, block.dtype)
+        acc = partial.get(block.device)
+        if acc is None:
+            partial[block.device] = torch.bmm(m, flat)
+        else:
+            acc.baddbmm_(m, flat)
+    if not partial:
+        return None
+    total = sum(p.to(device) for p in partial.values())
+    return total.reshape(shape).transpose(0, 1)
 
 
 def _patch_attention(sites, op, first, mask, ups, layout):
@@ -219,6 +234,27 @@ def _as_masks(sets: Any, n_edges: int) -> np.ndarray:
     return out
 
 
+def _set_batches(
+    masks: np.ndarray, down_idx: np.ndarray, attention_input: np.ndarray, sets_per_batch: int
+) -> list[np.ndarray]:
+    """Consecutive sets grouped into forwards of at most ``sets_per_batch`` sets, also cut
+    where the union of patched attention inputs would exceed :data:`NODES_PER_FORWARD` (or the
+    set's own count): each patched q/k/v input costs its projection over every row."""
+    batches, current, union = [], [], set()
+    for i, mask in enumerate(masks):
+        nodes = {int(d) for d in np.unique(down_idx[mask]) if attention_input[d]}
+        merged = union | nodes
+        full = len(current) >= sets_per_batch or len(merged) > max(NODES_PER_FORWARD, len(nodes))
+        if current and full:
+            batches.append(np.array(current))
+            current, merged = [], nodes
+        current.append(i)
+        union = merged
+    if current:
+        batches.append(np.array(current))
+    return batches
+
+
 def _rows_per_forward(graph: EdgeGraph, d_model: int, seq_len: int, vocab: int, gb: float) -> int:
     """Patched rows per forward keeping activations and patch temporaries under ``gb``."""
     adapter = graph.adapter
@@ -270,29 +306,29 @@ def run_edge_sets(
     and the cost in forward passes (one per patched row, two per pair and session)."""
     check_direction(direction)
     graph = EdgeGraph.of(model)
-    up_idx, _ = graph.edge_ends()
+    up_idx, down_idx = graph.edge_ends()
+    attention_input = graph.downstream_table()["input"].isin(["q", "k", "v"]).to_numpy()
     vocab = model._module.config.get_text_config().vocab_size
     d_model = graph.adapter.d_model
-    n_sets = masks.shape[0]
     chunks, owners = [], []
     for group in tok.chunks(pairs_per_chunk):
         rows = batch_size or _rows_per_forward(graph, d_model, group.length, vocab, memory_gb)
         n = len(group.indices)
-        sets_per_chunk = max(1, rows * FORWARDS_PER_SESSION // n)
-        for first in range(0, n_sets, sets_per_chunk):
-            set_ids = np.arange(first, min(first + sets_per_chunk, n_sets))
+        batches = _set_batches(masks, down_idx, attention_input, max(1, rows // n))
+        for first in range(0, len(batches), FORWARDS_PER_SESSION):
+            these = batches[first : first + FORWARDS_PER_SESSION]
+            set_ids = np.concatenate(these)
             local = masks[set_ids]
-            pair_of_row = np.tile(np.arange(n), len(set_ids))
-            set_of_row = np.repeat(np.arange(len(set_ids)), n)
-            batches = []
-            for i in range(0, len(pair_of_row), rows):
-                sets_here = np.unique(set_of_row[i : i + rows])
+            out, start = [], 0
+            for sets in these:
+                here = np.arange(start, start + len(sets))
+                start += len(sets)
                 used = np.zeros(graph.n_upstream, dtype=bool)
-                used[up_idx[local[sets_here].any(0)]] = True
-                batches.append(
+                used[up_idx[local[here].any(0)]] = True
+                out.append(
                     {
-                        "pair": torch.from_numpy(pair_of_row[i : i + rows].copy()),
-                        "set": torch.from_numpy(set_of_row[i : i + rows].copy()),
+                        "pair": torch.from_numpy(np.tile(np.arange(n), len(sets))),
+                        "set": torch.from_numpy(np.repeat(here, n)),
                         "used": torch.from_numpy(used),
                     }
                 )
@@ -306,7 +342,7 @@ def run_edge_sets(
                     "logits_offset": graph.logits_offset,
                     "n_edges": graph.n_edges,
                     "masks": torch.from_numpy(np.packbits(local, axis=1)),
-                    "batches": tuple(batches),
+                    "batches": tuple(out),
                 }
             )
             owners.append((group.indices, set_ids))
@@ -320,7 +356,7 @@ def run_edge_sets(
             progress=progress,
             desc="edge patching",
         )
-    effects = np.zeros((len(tok), n_sets), dtype=np.float32)
+    effects = np.zeros((len(tok), masks.shape[0]), dtype=np.float32)
     base = np.zeros(len(tok), dtype=np.float32)
     source = np.zeros(len(tok), dtype=np.float32)
     cost = 0.0
@@ -391,8 +427,9 @@ def patch_edges(
         raise ValueError("edges must be a non-empty list of flat edge indices")
     tok = prepare_pairs(model, pairs, prepend_bos)
     metric_name, metric_fn = resolve_metric(metric)
-    masks = _as_masks([[e] for e in chosen], graph.n_edges)
-    effects, base, source, cost = run_edge_sets(
+    order = np.argsort(chosen, kind="stable")  # neighbours share downstream inputs in a batch
+    masks = _as_masks([[e] for e in chosen[order]], graph.n_edges)
+    sorted_effects, base, source, cost = run_edge_sets(
         model,
         tok,
         masks,
@@ -404,6 +441,8 @@ def patch_edges(
         progress=progress,
         checkpoint_dir=checkpoint_dir,
     )
+    effects = np.empty_like(sorted_effects)
+    effects[:, order] = sorted_effects
     mean = effects.mean(0)
     return EdgeAttribution(
         edges=graph.edge_table().iloc[chosen].reset_index(drop=True),
