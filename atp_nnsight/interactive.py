@@ -406,7 +406,7 @@ def recall_figure(curves: pd.DataFrame, title: str) -> go.Figure:
             row=1,
             col=col,
         )
-        fig.update_xaxes(type="log", title="top-x true nodes recalled", row=1, col=col)
-        fig.update_yaxes(type="log", gridcolor="#eee", row=1, col=col)
+        fig.update_xaxes(type="log", dtick=1, title="top-x true nodes recalled", row=1, col=col)
+        fig.update_yaxes(type="log", dtick=1, gridcolor="#eee", row=1, col=col)
     fig.update_yaxes(title="forward passes per pair", row=1, col=1)
     return _layout(fig, _esc(title), 420)
