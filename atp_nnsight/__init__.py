@@ -40,6 +40,13 @@ _EXPORTS: dict[str, str] = {
     "Attribution": "atp_nnsight.results",
     "NODE_KINDS": "atp_nnsight.types",
     "Node": "atp_nnsight.types",
+    "Circuit": "atp_nnsight.edges",
+    "EdgeAttribution": "atp_nnsight.edges",
+    "attribute_edges": "atp_nnsight.edges",
+    "evaluate_circuit": "atp_nnsight.edges",
+    "patch_edge_sets": "atp_nnsight.edges",
+    "patch_edges": "atp_nnsight.edges",
+    "prune": "atp_nnsight.edges",
 }
 """Public name -> defining module. Imported on first use (module ``__getattr__``), so that
 ``import atp_nnsight.cli`` stays light: torch, transformers and nnsight load only when needed."""
@@ -48,9 +55,13 @@ __all__ = [
     "METHODS",
     "NODE_KINDS",
     "Attribution",
+    "Circuit",
+    "EdgeAttribution",
     "Node",
     "PromptPair",
     "attribute",
+    "attribute_edges",
+    "evaluate_circuit",
     "factual_pairs",
     "get_adapter",
     "ioi_pairs",
@@ -61,7 +72,10 @@ __all__ = [
     "logprob",
     "make_task",
     "patch",
+    "patch_edge_sets",
+    "patch_edges",
     "patch_sets",
+    "prune",
     "random_pairs",
     "save_pairs",
     "tiny_model",
@@ -93,6 +107,15 @@ if TYPE_CHECKING:
         random_pairs,
         save_pairs,
         tokenize_pairs,
+    )
+    from atp_nnsight.edges import (
+        Circuit,
+        EdgeAttribution,
+        attribute_edges,
+        evaluate_circuit,
+        patch_edge_sets,
+        patch_edges,
+        prune,
     )
     from atp_nnsight.methods.atp import METHODS, attribute
     from atp_nnsight.methods.exact import patch, patch_sets

@@ -3,8 +3,9 @@
 Subcommands: ``patch`` (exact activation patching), ``attribute`` (AtP family), ``run`` (the
 main job: AtP*, verification of the top nodes of each kind, an HTML report), ``diagnose``
 (verify the top of an AtP ranking and bound what it missed), ``plan`` (size a run from the
-model config, before it starts) and ``check-remote`` (the smallest NDIF job, to check a
-remote setup).
+model config, before it starts), ``check-remote`` (the smallest NDIF job, to check a
+remote setup) and ``circuit`` (edge attribution, a pruned circuit, its faithfulness curve
+and an HTML report; :mod:`atp_nnsight.circuit_cli`).
 
 Outputs: ``--out NAME.csv`` or ``--out NAME.npz`` writes both ``NAME.csv`` (one row per node:
 ``kind,layer,index,position,score,mean_effect``; for ``diagnose`` the flagged nodes) and
@@ -48,6 +49,7 @@ EXIT_FAILED = 1
 EXIT_INTERRUPTED = 130
 
 CHECK_REMOTE_HELP = "run the smallest meaningful NDIF job to check your setup"
+CIRCUIT_HELP = "edge attribution (eap, eap-ig, eap*, ...), a circuit, its faithfulness, a report"
 PLAN_HELP = (
     "size a run before it starts, from the model config alone: nodes, passes, peak memory "
     "per chunk, NDIF requests and bytes, time"
@@ -699,6 +701,7 @@ def run_main_job(args: argparse.Namespace) -> int:
 DELEGATED: dict[str, tuple[str, str]] = {
     "check-remote": ("atp_nnsight.remote_check", CHECK_REMOTE_HELP),
     "plan": ("atp_nnsight.plan_cli", PLAN_HELP),
+    "circuit": ("atp_nnsight.circuit_cli", CIRCUIT_HELP),
 }
 """Subcommands whose options and behaviour live in their own module (imported only when run):
 ``add_arguments(parser)`` and ``run(args) -> int``."""
