@@ -19,8 +19,17 @@ from atp_nnsight.metrics import Metric, resolve_metric
 from atp_nnsight.remote import Remote, run_chunks
 from atp_nnsight.types import check_direction
 
-QK_BYTES = 2**28
-"""Default bound (bytes) on the edge QK fix's temporaries per chunk of upstream nodes."""
+QK_BYTES = (2**22, 2**28)
+"""Bounds (bytes) of the default budget of the edge QK fix's temporaries (per chunk of
+upstream nodes): sixteen float32 residual-stream-sized tensors of the chunk of pairs, so the
+fix never dominates the activations."""
+
+
+def qk_budget(n_pairs: int, seq_len: int, d_model: int) -> int:
+    """The default memory budget of the edge QK fix for a chunk of pairs (see ``QK_BYTES``)."""
+    low, high = QK_BYTES
+    return int(min(high, max(low, 16 * 4 * n_pairs * seq_len * d_model)))
+
 
 METHODS: dict[str, dict[str, bool]] = {
     "eap": {"qk": False, "graddrop": False, "ig": False},
@@ -41,7 +50,7 @@ def attribute_edges(
     direction: str = "noising",
     metric: str | Metric = "logit-diff",
     pairs_per_chunk: int = 8,
-    qk_chunk_bytes: int = QK_BYTES,
+    qk_chunk_bytes: int | None = None,
     prepend_bos: bool = False,
     remote: Remote = False,
     progress: bool = True,
@@ -54,7 +63,7 @@ def attribute_edges(
     Ranking: ``mean_pairs |Î|`` (``mean_pairs`` of the per-pair GradDrop score for eap+gd and
     eap*, whose ``mean_effect`` is None). ``ig_steps``: EAP-IG's number of gradient steps.
     ``pairs_per_chunk`` pairs (of one token length) share each session; lower it to reduce
-    memory. ``qk_chunk_bytes`` bounds the QK fix's temporaries.
+    memory. ``qk_chunk_bytes`` bounds the QK fix's temporaries (default: :func:`qk_budget`).
     """
     if method not in METHODS:
         raise ValueError(f"unknown edge method {method!r}; choose from {', '.join(METHODS)}")
@@ -77,7 +86,9 @@ def attribute_edges(
             "qk": flags["qk"],
             "graddrop": flags["graddrop"],
             "ig_steps": int(ig_steps),
-            "qk_bytes": int(qk_chunk_bytes),
+            "qk_bytes": int(
+                qk_chunk_bytes or qk_budget(len(g.indices), g.length, graph.adapter.d_model)
+            ),
         }
         for g in groups
     ]
