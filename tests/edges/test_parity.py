@@ -68,3 +68,13 @@ def test_exact_edge_patching_matches_reference(family):
     edges = list(zip(e.upstream, e.downstream, e.input, strict=True))
     expected = np.array(er.patched_effects(raw(family), PAIR[0], edges))
     assert_close(result.per_pair[0], expected)
+
+
+def test_denoising_swaps_the_roles():
+    """Denoising: gradients on the noise prompt, the clean prompt's writes patched in (the
+    reference with the two prompts exchanged and the same targets)."""
+    family = "llama"
+    result = attribute_edges(client(family), PAIR, "eap", direction="denoising", progress=False)
+    clean, noise, ct, nt = PAIR[0]
+    expected = reference_values(result, er.edge_values(raw(family), (noise, clean, ct, nt)))
+    assert_close(result.per_pair[0], expected)
