@@ -187,7 +187,6 @@ def plot_curves(curves: pd.DataFrame) -> None:
 
 
 def part_time(args, model, report: dict) -> None:
-    torch.set_num_threads(1)
     pairs = task_pairs(model, "ioi", args.pairs)
     runs = {
         "node atp (head,q,k,v,mlp_out)": lambda: attribute(
@@ -221,10 +220,10 @@ def measure_memory(what: str, n_pairs: int) -> dict:
 
     torch.set_num_threads(1)
     model = load_model()
-    pairs = task_pairs(model, "ioi", n_pairs)
-    tok = tokenize_pairs(pairs, model.tokenizer)
-    length = sorted(set(tok.lengths))[0]
-    same = [p for p, n in zip(pairs, tok.lengths, strict=True) if n == length]
+    pairs = task_pairs(model, "ioi", 6 * n_pairs)
+    lengths = tokenize_pairs(pairs, model.tokenizer).lengths
+    length = max(set(lengths), key=lengths.count)  # one chunk of pairs of one length
+    same = [p for p, n in zip(pairs, lengths, strict=True) if n == length][:n_pairs]
     tok = tokenize_pairs(same, model.tokenizer)
     if what == "plain":
         call = lambda: plain_passes(model._module, tok, 1, len(same))  # noqa: E731
@@ -346,6 +345,7 @@ def main() -> None:
         print(json.dumps(measure_memory(args.one, args.pairs)))
         return
     parts = set(args.part.split(","))
+    torch.set_num_threads(1)  # steadier on a shared machine; timings are per thread
     OUT.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     report: dict = {}

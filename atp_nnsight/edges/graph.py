@@ -66,7 +66,6 @@ REFUSED_WHY = (
     "head-level edges are not defined; use node attribution (atp_nnsight.attribute) instead"
 )
 
-UPSTREAM_KINDS = ("input", "head", "mlp")
 DOWNSTREAM_KINDS = ("q", "k", "v", "mlp", "logits")
 EDGE_COLUMNS = [
     "edge",
