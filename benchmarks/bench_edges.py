@@ -5,7 +5,7 @@ ones the model answers correctly), noising, logit difference:
 
 * ``recall``: every edge method (eap, eap+qk, eap+gd, eap*, eap-ig with 5 steps) ranks all
   edges; ground truth is exact edge patching of the union of each method's top ``--top``
-  edges plus ``--random`` random other edges (cached as ``edges_exact_<task>.npz``); the true
+  edges plus ``--random`` random other edges (cached under ``results/cache/``); the true
   top-20 are the 20 largest ``|mean effect|`` among them. Cost of verified recall of the true
   top-x: method cost per pair + verification rank of the last of them (forward passes per
   pair; backward = 2); IRWRGM over x = 1..20 relative to eap*.
@@ -47,6 +47,7 @@ METHODS = ("eap", "eap+qk", "eap+gd", "eap*", "eap-ig")
 CURVE_METHODS = ("eap", "eap-ig", "eap*")
 XS = (1, 5, 10, 20)
 TASKS = ("ioi", "factual")
+CACHE = OUT / "cache"  # per-method results and exact effects (large; not committed)
 
 
 def markdown(df: pd.DataFrame) -> str:
@@ -72,7 +73,7 @@ def cached(path: Path, pairs, compute) -> EdgeAttribution:
 def method_results(model, pairs, task: str) -> dict[str, EdgeAttribution]:
     out = {}
     for method in METHODS:
-        path = OUT / f"edges_{task}_{method.replace('*', 'star').replace('+', '_')}.npz"
+        path = CACHE / f"edges_{task}_{method.replace('*', 'star').replace('+', '_')}.npz"
         start = time.perf_counter()
         out[method] = cached(
             path, pairs, lambda m=method: attribute_edges(model, pairs, m, progress=False)
@@ -130,7 +131,7 @@ def part_recall_curves(args, model, parts: set[str], report: dict) -> None:
             chosen, random_edges = candidates(results, args.top, args.random)
             start = time.perf_counter()
             truth = cached(
-                OUT / f"edges_exact_{task}.npz",
+                CACHE / f"edges_exact_{task}.npz",
                 pairs,
                 lambda c=chosen, p=pairs: patch_edges(model, p, c, progress=False),
             )
@@ -346,7 +347,7 @@ def main() -> None:
         return
     parts = set(args.part.split(","))
     torch.set_num_threads(1)  # steadier on a shared machine; timings are per thread
-    OUT.mkdir(parents=True, exist_ok=True)
+    CACHE.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     report: dict = {}
     model = load_model()
