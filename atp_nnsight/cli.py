@@ -602,34 +602,6 @@ def run_diagnose(args: argparse.Namespace) -> int:
     return run.execute(body)
 
 
-def verified_curves(result: Any) -> Any:
-    """Cost-of-verified-recall curves *among the verified nodes*: how far down the method's
-    ranking the largest verified exact effects sat (no exhaustive ground truth needed)."""
-    import dataclasses
-
-    import numpy as np
-
-    from atp_nnsight.evaluation import curves, verified_nodes
-
-    order = verified_nodes(result)
-    info = result.metadata["verified"]
-    mask = np.zeros(len(result), dtype=bool)
-    mask[order] = True
-    exact = np.zeros(len(result))
-    exact[order] = info["mean_effect"]
-    per_pair = np.zeros((len(info["per_pair"]), len(result)), dtype=np.float32)
-    per_pair[:, order] = np.asarray(info["per_pair"], dtype=np.float32)
-    truth = dataclasses.replace(
-        result,
-        scores=np.abs(exact),
-        per_pair=per_pair,
-        mean_effect=exact,
-        method="exact",
-        metadata={},
-    ).select(mask)
-    return curves(truth, {result.method: result.select(mask)})
-
-
 def run_main_job(args: argparse.Namespace) -> int:
     """``atp-nnsight run``: attribute, verify the top ``--verify`` of each kind, report."""
     run = _Run(args)
@@ -659,15 +631,16 @@ def run_main_job(args: argparse.Namespace) -> int:
             f"{elapsed:.0f} s"
         )
         table = verified_table(verified).sort_values(["kind", "rank"], kind="stable")
+        columns = ["rank", "layer", "index", "position", "score", "estimate", "exact"]
+        if table["estimate"].isna().all():  # unsigned method (GradDrop): no signed estimate
+            columns.remove("estimate")
         for kind, rows in table.groupby("kind", sort=False):
             print(
                 f"\ntop {len(rows)} {kind} nodes by {result.method} score, verified by exact "
                 "patching"
             )
             print(
-                rows[
-                    ["rank", "layer", "index", "position", "score", "estimate", "exact"]
-                ].to_string(index=False, float_format=lambda x: f"{x:.4f}", na_rep="-")
+                rows[columns].to_string(index=False, float_format=lambda x: f"{x:.4f}", na_rep="-")
             )
         settings = {
             "task": "pairs from " + args.pairs if args.pairs else f"built-in {args.task}",
@@ -689,7 +662,6 @@ def run_main_job(args: argparse.Namespace) -> int:
                 staging,
                 {result.method: verified},
                 settings=settings,
-                curves=verified_curves(verified),
                 tokens=tokens,
             )
         print(f"\nreport: {out / Path(html).relative_to(staging)}")

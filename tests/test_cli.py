@@ -69,9 +69,30 @@ def test_run_writes_report(model_dir, pairs_file, tmp_path, capsys):
     assert main(args + ["--out", str(folder), "--no-progress"]) == 0
     text = capsys.readouterr().out
     assert "verified by exact patching" in text and "report:" in text
+    header = next(line for line in text.splitlines() if line.lstrip().startswith("rank"))
+    assert header.split() == ["rank", "layer", "index", "position", "score", "exact"]
     html = (folder / "report.html").read_text()
     assert "data:image/png;base64" in html
     assert len(list(folder.glob("*.png"))) >= 3
+    # run has no ground truth: no (circular) cost-of-verified-recall figure
+    assert "Cost of verified recall" not in html
+    assert not (folder / "verified_recall.png").exists()
+
+
+def test_run_tables_show_the_signed_estimate_of_a_signed_method(
+    model_dir, pairs_file, tmp_path, capsys
+):
+    folder = tmp_path / "report"
+    args = ["run", "--model", model_dir, "--pairs", pairs_file, "--verify", "2"]
+    args += ["--method", "atp", "--nodes", "head", "--out", str(folder), "--no-progress"]
+    assert main(args) == 0
+    lines = capsys.readouterr().out.splitlines()
+    header = next(i for i, line in enumerate(lines) if line.lstrip().startswith("rank"))
+    assert lines[header].split() == ["rank", "layer", "index", "position", "score", "estimate"] + [
+        "exact"
+    ]
+    first = lines[header + 1].split()
+    assert first[5] != "-" and float(first[5]) != 0.0
 
 
 def test_bad_pairs_file_is_a_clear_error(model_dir, tmp_path, capsys):
