@@ -78,12 +78,7 @@ class Attribution:
     metadata: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        n = len(self)
-        if self.scores.shape != (n,) or self.per_pair.ndim != 2 or self.per_pair.shape[1] != n:
-            raise ValueError(
-                f"inconsistent result: {n} nodes, scores {self.scores.shape}, "
-                f"per_pair {self.per_pair.shape}"
-            )
+        _check_shapes(len(self), self.scores, self.per_pair, "nodes")
 
     def __len__(self) -> int:
         layout = self.__dict__.get("layout")
@@ -147,17 +142,14 @@ class Attribution:
         df = self.nodes.copy()
         df["score"] = self.scores
         df["mean_effect"] = np.nan if self.mean_effect is None else self.mean_effect
-        rank = np.empty(len(self), dtype=np.int64)
-        rank[self.ranking()] = np.arange(1, len(self) + 1)
-        df["rank"] = rank
+        df["rank"] = _ranks(self.ranking())
         return df
 
     def top(self, k: int = 10, kind: str | None = None) -> pd.DataFrame:
         """The ``k`` highest-scoring nodes (optionally of one kind), best first.
 
         Raises ``ValueError`` for an unknown kind, or one this result has no nodes of."""
-        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 0:
-            raise ValueError(f"top needs a number of rows k >= 0, got {k!r}")
+        _check_top_k(k)
         if self.layout is not None:
             return self._top_from_layout(int(k), kind)
         df = self.to_dataframe()
@@ -181,8 +173,7 @@ class Attribution:
                     f"{', '.join(present)}"
                 )
         ranking = self.ranking()
-        rank = np.empty(len(self), dtype=np.int64)
-        rank[ranking] = np.arange(1, len(self) + 1)
+        rank = _ranks(ranking)
         candidates = ranking
         if kind is not None:
             _, index = self.layout.only(kind)
@@ -237,18 +228,7 @@ class Attribution:
     def save(self, path: str | Path) -> Path:
         """Save everything (node table, scores, per-pair values, metadata) to one ``.npz``
         (the suffix is set to ``.npz``). Written atomically, like :meth:`to_csv`."""
-        path = Path(path)
-        if path.suffix != ".npz":
-            path = path.with_suffix(".npz")
-        meta = {
-            "method": self.method,
-            "direction": self.direction,
-            "metric": self.metric,
-            "model": self.model,
-            "cost": self.cost,
-            "pairs": self.pairs,
-            "metadata": self.metadata,
-        }
+        meta = _run_meta(self)
         arrays = {"scores": self.scores, "per_pair": self.per_pair}
         if self.layout is not None:  # the node table as its layout: a few numbers per site
             meta["layout"] = _layout_spec(self.layout)
@@ -257,12 +237,7 @@ class Attribution:
             arrays["layer"] = self.nodes["layer"].to_numpy(dtype=np.int64)
             arrays["index"] = self.nodes["index"].to_numpy(dtype=np.int64)
             arrays["position"] = self.nodes["position"].to_numpy(dtype=np.float64, na_value=np.nan)
-        arrays["meta"] = np.array(json.dumps(meta, default=_json_default))
-        if self.mean_effect is not None:
-            arrays["mean_effect"] = self.mean_effect
-        with atomic_paths(path) as (tmp,):
-            np.savez_compressed(tmp, **arrays)
-        return path
+        return _save_npz(path, arrays, meta, self.mean_effect)
 
     @classmethod
     def load(cls, path: str | Path) -> Attribution:
@@ -277,19 +252,7 @@ class Attribution:
                 f"{path} is not a saved Attribution: save() writes .npz files (the CSV holds only "
                 f"the node table; read it with pandas.read_csv); {hint}"
             )
-        try:
-            archive = np.load(path, allow_pickle=False)
-        except (ValueError, OSError, EOFError, zipfile.BadZipFile):
-            raise ValueError(
-                f"{path} is not a readable .npz file (truncated, or another format); write it "
-                "again with Attribution.save"
-            ) from None
-        if not isinstance(archive, np.lib.npyio.NpzFile):
-            raise ValueError(
-                f"{path} holds one array, not a saved Attribution; load a file "
-                "written by Attribution.save"
-            )
-        with archive as z:
+        with _open_npz(path, "Attribution") as z:
             missing = [k for k in _SAVED_KEYS if k not in z.files]
             if not missing and "kind" not in z.files and "layout" not in str(z["meta"]):
                 missing = list(NODE_COLUMNS)
@@ -330,6 +293,73 @@ class Attribution:
 
 
 _SAVED_KEYS = ("scores", "per_pair", "meta")
+
+
+def _check_shapes(n: int, scores: np.ndarray, per_pair: np.ndarray, unit: str) -> None:
+    """Refuse ``scores`` not of shape ``[n]`` or ``per_pair`` not ``[pairs, n]`` (``n`` units)."""
+    if scores.shape != (n,) or per_pair.ndim != 2 or per_pair.shape[1] != n:
+        raise ValueError(
+            f"inconsistent result: {n} {unit}, scores {scores.shape}, per_pair {per_pair.shape}"
+        )
+
+
+def _ranks(ranking: np.ndarray) -> np.ndarray:
+    """Rank of each unit (1 = best) from ``ranking``, the unit indices best first."""
+    rank = np.empty(len(ranking), dtype=np.int64)
+    rank[ranking] = np.arange(1, len(ranking) + 1)
+    return rank
+
+
+def _check_top_k(k: Any) -> None:
+    """Refuse a ``top`` row count that is not an integer ``>= 0`` (bools included)."""
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 0:
+        raise ValueError(f"top needs a number of rows k >= 0, got {k!r}")
+
+
+def _run_meta(result: Any) -> dict[str, Any]:
+    """The run fields a saved result keeps as JSON (``method`` ... ``metadata``)."""
+    return {
+        "method": result.method,
+        "direction": result.direction,
+        "metric": result.metric,
+        "model": result.model,
+        "cost": result.cost,
+        "pairs": result.pairs,
+        "metadata": result.metadata,
+    }
+
+
+def _save_npz(
+    path: str | Path, arrays: dict[str, Any], meta: dict[str, Any], mean_effect: Any
+) -> Path:
+    """Write ``arrays``, ``meta`` (as JSON) and ``mean_effect`` (unless None) to one ``.npz``
+    (the suffix is set to ``.npz``), atomically; returns the path written."""
+    path = Path(path)
+    if path.suffix != ".npz":
+        path = path.with_suffix(".npz")
+    arrays = {**arrays, "meta": np.array(json.dumps(meta, default=_json_default))}
+    if mean_effect is not None:
+        arrays["mean_effect"] = mean_effect
+    with atomic_paths(path) as (tmp,):
+        np.savez_compressed(tmp, **arrays)
+    return path
+
+
+def _open_npz(path: Path, name: str) -> Any:
+    """The ``NpzFile`` at ``path`` (no pickles); ``ValueError`` naming result type ``name``
+    when it is unreadable or holds a single array."""
+    try:
+        archive = np.load(path, allow_pickle=False)
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile):
+        raise ValueError(
+            f"{path} is not a readable .npz file (truncated, or another format); write it "
+            f"again with {name}.save"
+        ) from None
+    if not isinstance(archive, np.lib.npyio.NpzFile):
+        raise ValueError(
+            f"{path} holds one array, not a saved {name}; load a file written by {name}.save"
+        )
+    return archive
 
 
 def _layout_spec(layout: NodeLayout) -> dict[str, Any]:

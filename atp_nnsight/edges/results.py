@@ -12,7 +12,6 @@ over pairs where the method has one, else ``None``. ``cost`` is in forward-pass 
 from __future__ import annotations
 
 import json
-import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,7 +20,15 @@ import numpy as np
 import pandas as pd
 
 from atp_nnsight.edges.graph import DOWNSTREAM_KINDS, EDGE_COLUMNS
-from atp_nnsight.results import _json_default, atomic_paths
+from atp_nnsight.results import (
+    _check_shapes,
+    _check_top_k,
+    _open_npz,
+    _ranks,
+    _run_meta,
+    _save_npz,
+    atomic_paths,
+)
 
 _SAVED_KEYS = ("scores", "per_pair", "meta", *EDGE_COLUMNS)
 _INT_COLUMNS = ("edge", "upstream_layer", "upstream_index", "downstream_layer", "downstream_index")
@@ -44,12 +51,7 @@ class EdgeAttribution:
     metadata: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        n = len(self.edges)
-        if self.scores.shape != (n,) or self.per_pair.ndim != 2 or self.per_pair.shape[1] != n:
-            raise ValueError(
-                f"inconsistent result: {n} edges, scores {self.scores.shape}, "
-                f"per_pair {self.per_pair.shape}"
-            )
+        _check_shapes(len(self.edges), self.scores, self.per_pair, "edges")
 
     def __len__(self) -> int:
         return len(self.edges)
@@ -71,15 +73,12 @@ class EdgeAttribution:
         df.insert(0, "name", edge_names(self.edges))
         df["score"] = self.scores
         df["mean_effect"] = np.nan if self.mean_effect is None else self.mean_effect
-        rank = np.empty(len(self), dtype=np.int64)
-        rank[self.ranking()] = np.arange(1, len(self) + 1)
-        df["rank"] = rank
+        df["rank"] = _ranks(self.ranking())
         return df
 
     def top(self, k: int = 10, input: str | None = None) -> pd.DataFrame:
         """The ``k`` highest-scoring edges (optionally into one input kind), best first."""
-        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 0:
-            raise ValueError(f"top needs a number of rows k >= 0, got {k!r}")
+        _check_top_k(k)
         df = self.to_dataframe()
         if input is not None:
             if input not in DOWNSTREAM_KINDS:
@@ -99,31 +98,11 @@ class EdgeAttribution:
 
     def save(self, path: str | Path) -> Path:
         """Everything in one ``.npz`` (no pickled objects; the suffix is set to ``.npz``)."""
-        path = Path(path)
-        if path.suffix != ".npz":
-            path = path.with_suffix(".npz")
-        meta = {
-            "method": self.method,
-            "direction": self.direction,
-            "metric": self.metric,
-            "model": self.model,
-            "cost": self.cost,
-            "pairs": self.pairs,
-            "metadata": self.metadata,
-        }
-        arrays = {
-            "scores": self.scores,
-            "per_pair": self.per_pair,
-            "meta": np.array(json.dumps(meta, default=_json_default)),
-        }
+        arrays = {"scores": self.scores, "per_pair": self.per_pair}
         for col in EDGE_COLUMNS:
             dtype = np.int64 if col in _INT_COLUMNS else str
             arrays[col] = self.edges[col].to_numpy(dtype=dtype)
-        if self.mean_effect is not None:
-            arrays["mean_effect"] = self.mean_effect
-        with atomic_paths(path) as (tmp,):
-            np.savez_compressed(tmp, **arrays)
-        return path
+        return _save_npz(path, arrays, _run_meta(self), self.mean_effect)
 
     @classmethod
     def load(cls, path: str | Path) -> EdgeAttribution:
@@ -131,13 +110,7 @@ class EdgeAttribution:
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"no saved edge result at {path}")
-        try:
-            archive = np.load(path, allow_pickle=False)
-        except (ValueError, OSError, EOFError, zipfile.BadZipFile):
-            raise ValueError(f"{path} is not a readable .npz file") from None
-        if not isinstance(archive, np.lib.npyio.NpzFile):
-            raise ValueError(f"{path} holds one array, not a saved EdgeAttribution")
-        with archive as z:
+        with _open_npz(path, "EdgeAttribution") as z:
             missing = [k for k in _SAVED_KEYS if k not in z.files]
             if missing:
                 raise ValueError(f"{path} is not a saved EdgeAttribution (no {', '.join(missing)})")
