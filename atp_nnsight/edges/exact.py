@@ -32,6 +32,7 @@ from atp_nnsight.edges.graph import EdgeGraph
 from atp_nnsight.edges.results import EdgeAttribution
 from atp_nnsight.edges.sites import KINDS, head_writes, iter_sites, shifted_call
 from atp_nnsight.methods.common import metric_values, model_name, prepare_pairs, roles_of
+from atp_nnsight.methods.exact import gather_effects
 from atp_nnsight.metrics import Metric, resolve_metric
 from atp_nnsight.remote import Remote, run_chunks
 from atp_nnsight.types import check_direction
@@ -356,16 +357,7 @@ def run_edge_sets(
             progress=progress,
             desc="edge patching",
         )
-    effects = np.zeros((len(tok), masks.shape[0]), dtype=np.float32)
-    base = np.zeros(len(tok), dtype=np.float32)
-    source = np.zeros(len(tok), dtype=np.float32)
-    cost = 0.0
-    for (idx, set_ids), out in zip(owners, outs, strict=True):
-        effects[np.ix_(idx, set_ids)] = out["effects"].numpy().reshape(len(set_ids), len(idx)).T
-        base[idx] = out["base"].numpy()
-        source[idx] = out["source"].numpy()
-        cost += len(idx) * (len(set_ids) + 2)
-    return effects, base, source, cost
+    return gather_effects(owners, outs, len(tok), masks.shape[0])
 
 
 def patch_edge_sets(

@@ -194,6 +194,26 @@ def _rows_per_forward(adapter: Adapter, seq_len: int, vocab: int, memory_gb: flo
     return max(1, min(MAX_ROWS_PER_FORWARD, int(memory_gb * 2**30 // per_row)))
 
 
+def gather_effects(
+    owners: list[tuple[Any, np.ndarray]], outs: list[dict], n_pairs: int, n_sets: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
+    """Sessions' outputs put in place: effects ``[pairs, sets]``, base and source metric
+    ``[pairs]``, and the cost (one forward per patched row, two per pair and session).
+
+    ``owners[i]`` is session ``i``'s (pair indices, set indices); its ``effects`` are set-major.
+    """
+    effects = np.zeros((n_pairs, n_sets), dtype=np.float32)
+    base = np.zeros(n_pairs, dtype=np.float32)
+    source = np.zeros(n_pairs, dtype=np.float32)
+    cost = 0.0
+    for (idx, set_ids), out in zip(owners, outs, strict=True):
+        effects[np.ix_(idx, set_ids)] = out["effects"].numpy().reshape(len(set_ids), len(idx)).T
+        base[idx] = out["base"].numpy()
+        source[idx] = out["source"].numpy()
+        cost += len(idx) * (len(set_ids) + 2)
+    return effects, base, source, cost
+
+
 def run_node_sets(
     model: Any,
     tok: Any,
@@ -263,15 +283,7 @@ def run_node_sets(
         desc="exact patching",
         grad=False,
     )
-    effects = np.zeros((len(tok), len(sets)), dtype=np.float32)
-    base = np.zeros(len(tok), dtype=np.float32)
-    source = np.zeros(len(tok), dtype=np.float32)
-    cost = 0.0
-    for (idx, set_ids), out in zip(owners, outs, strict=True):
-        effects[np.ix_(idx, set_ids)] = out["effects"].numpy().reshape(len(set_ids), len(idx)).T
-        base[idx] = out["base"].numpy()
-        source[idx] = out["source"].numpy()
-        cost += len(idx) * (len(set_ids) + 2)
+    effects, base, source, cost = gather_effects(owners, outs, len(tok), len(sets))
     check_metric_values(base, source, tok.pairs, direction=direction)
     return effects, base, cost
 
