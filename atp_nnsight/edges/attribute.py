@@ -14,6 +14,7 @@ import numpy as np
 from atp_nnsight.edges import eap, eap_ig
 from atp_nnsight.edges.graph import EdgeGraph
 from atp_nnsight.edges.results import EdgeAttribution
+from atp_nnsight.methods.atp import gather_estimates
 from atp_nnsight.methods.common import model_name, prepare_pairs, roles_of
 from atp_nnsight.metrics import Metric, resolve_metric
 from atp_nnsight.remote import Remote, run_chunks
@@ -102,17 +103,10 @@ def attribute_edges(
         progress=progress,
         desc=method,
     )
-    n, n_edges = len(tok), graph.n_edges
-    est = np.zeros((n, n_edges), dtype=np.float32)
-    gd = np.zeros_like(est) if flags["graddrop"] else None
-    base_metric = np.zeros(n, dtype=np.float32)
-    source_metric = np.zeros(n, dtype=np.float32)
-    for g, out in zip(groups, outs, strict=True):
-        est[g.indices] = out["est"].numpy()
-        base_metric[g.indices] = out["metric"].numpy()
-        source_metric[g.indices] = out["source_metric"].numpy()
-        if gd is not None:
-            gd[g.indices] = out["gd"].numpy()
+    n = len(tok)
+    est, gd, base_metric, source_metric = gather_estimates(
+        groups, outs, n, graph.n_edges, flags["graddrop"]
+    )
     per_pair = gd if gd is not None else est
     if flags["ig"]:
         cost = eap_ig.cost_per_pair(ig_steps)

@@ -346,6 +346,27 @@ def _flatten(per_layer: dict[int, dict[str, torch.Tensor]], chunk: dict) -> torc
     return torch.cat(parts, dim=1)
 
 
+def gather_estimates(
+    groups: Sequence[Any], outs: Sequence[dict], n_pairs: int, n_units: int, graddrop: bool
+) -> tuple[np.ndarray, np.ndarray | None, np.ndarray, np.ndarray]:
+    """Sessions' outputs put in pair order: estimates ``[pairs, units]``, GradDrop scores
+    (same shape; None without ``graddrop``), base and source metric ``[pairs]``.
+
+    ``outs[i]`` holds ``est``, ``metric``, ``source_metric`` (and ``gd``) of ``groups[i]``.
+    """
+    est = np.zeros((n_pairs, n_units), dtype=np.float32)
+    gd = np.zeros_like(est) if graddrop else None
+    base_metric = np.zeros(n_pairs, dtype=np.float32)
+    source_metric = np.zeros(n_pairs, dtype=np.float32)
+    for g, out in zip(groups, outs, strict=True):
+        est[g.indices] = out["est"].numpy()
+        base_metric[g.indices] = out["metric"].numpy()
+        source_metric[g.indices] = out["source_metric"].numpy()
+        if gd is not None:
+            gd[g.indices] = out["gd"].numpy()
+    return est, gd, base_metric, source_metric
+
+
 def attribute(
     model: Any,
     pairs: Any,
@@ -422,16 +443,9 @@ def attribute(
         desc=method,
     )
     n = len(tok)
-    est = np.zeros((n, layout.n_nodes), dtype=np.float32)
-    gd = np.zeros_like(est) if graddrop else None
-    base_metric = np.zeros(n, dtype=np.float32)
-    source_metric = np.zeros(n, dtype=np.float32)
-    for g, out in zip(groups, outs, strict=True):
-        est[g.indices] = out["est"].numpy()
-        base_metric[g.indices] = out["metric"].numpy()
-        source_metric[g.indices] = out["source_metric"].numpy()
-        if gd is not None:
-            gd[g.indices] = out["gd"].numpy()
+    est, gd, base_metric, source_metric = gather_estimates(
+        groups, outs, n, layout.n_nodes, graddrop
+    )
     check_metric_values(base_metric, source_metric, tok.pairs, direction=direction)
     per_pair = gd if gd is not None else est
     cost_per_pair = 2 + 2 * (adapter.n_layers if graddrop else 1)
