@@ -164,9 +164,7 @@ def layer_step(chunk, layer, sites, streams, ups, continue_below):
         )
         mlp_grads[sid] = g_mlp
     blocks_attn = ups[: 1 + layer]
-    blocks_mlp = list(blocks_attn)
-    if not info["parallel"]:
-        blocks_mlp.append(ups[1 + layer][:, : adapter.n_heads])
+    own_heads = None if info["parallel"] else ups[1 + layer][:, : adapter.n_heads]
     fixed = None
     if qk:
         grads_z = []
@@ -181,12 +179,16 @@ def layer_step(chunk, layer, sites, streams, ups, continue_below):
     for i, sid in enumerate(ids):
         g_mlp = mlp_grads.pop(sid)
         g_attn = copy_grads(sites, grads.pop(sid)[:3], i == len(ids) - 1)
-        attn = contract(blocks_attn, g_attn).transpose(1, 2)
+        # one pass over the earlier writes for the attention inputs and the MLP input together
+        g_all = torch.cat([g_attn, g_mlp.to(g_attn.device).unsqueeze(0)])
+        both = contract(blocks_attn, g_all).transpose(1, 2)
+        attn, mlp = both[:, :-1], both[:, -1:]
+        if own_heads is not None:  # sequential blocks: the MLP also reads this layer's heads
+            mlp = torch.cat([mlp, contract([own_heads], g_mlp.unsqueeze(0)).transpose(1, 2)], 2)
         if fixed is not None:
             q_fix, k_fix = fixed[i]
             attn[:, :n_q] = q_fix
             attn[:, n_q : n_q + n_kv] = k_fix
-        mlp = contract(blocks_mlp, g_mlp.unsqueeze(0)).transpose(1, 2)
         values[sid] = {"attn": attn, "mlp": mlp}
         if continue_below:
             resid = sites["resid"]
