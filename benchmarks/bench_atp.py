@@ -27,18 +27,25 @@ from common import plain_passes
 KINDS = "head,q,k,v,neuron"
 
 
-def _setup(n_pairs: int):
+def _setup(n_pairs: int, per_position: bool):
+    """The model and ``n_pairs`` correct IOI pairs (per position: all of one token length)."""
     from atp_nnsight import ioi_pairs, keep_correct, load_model, tokenize_pairs
 
     model = load_model()
-    pairs = keep_correct(model, ioi_pairs(n_pairs, tokenizer=model.tokenizer))
-    return model, pairs, tokenize_pairs(pairs, model.tokenizer)
+    if not per_position:
+        pairs = keep_correct(model, ioi_pairs(n_pairs, tokenizer=model.tokenizer))
+        return model, pairs, tokenize_pairs(pairs, model.tokenizer)
+    pairs = keep_correct(model, ioi_pairs(8 * n_pairs, tokenizer=model.tokenizer))
+    lengths = tokenize_pairs(pairs, model.tokenizer).lengths
+    common = max(set(lengths), key=lengths.count)
+    same = [p for p, n in zip(pairs, lengths, strict=True) if n == common][:n_pairs]
+    return model, same, tokenize_pairs(same, model.tokenizer)
 
 
 def measure(what: str, n_pairs: int, per_position: bool, repeats: int) -> dict:
     from atp_nnsight import attribute
 
-    model, pairs, tok = _setup(n_pairs)
+    model, pairs, tok = _setup(n_pairs, per_position)
     hf = model._module
     n_layers = hf.config.num_hidden_layers
     attribute(model, pairs[:1], KINDS, method="atp*", layers=[0], progress=False)  # warm-up
