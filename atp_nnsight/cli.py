@@ -634,6 +634,8 @@ def run_main_job(args: argparse.Namespace) -> int:
         columns = ["rank", "layer", "index", "position", "score", "estimate", "exact"]
         if table["estimate"].isna().all():  # unsigned method (GradDrop): no signed estimate
             columns.remove("estimate")
+        if table["position"].isna().all():  # nodes summed over positions
+            columns.remove("position")
         for kind, rows in table.groupby("kind", sort=False):
             print(
                 f"\ntop {len(rows)} {kind} nodes by {result.method} score, verified by exact "

@@ -70,7 +70,7 @@ def test_run_writes_report(model_dir, pairs_file, tmp_path, capsys):
     text = capsys.readouterr().out
     assert "verified by exact patching" in text and "report:" in text
     header = next(line for line in text.splitlines() if line.lstrip().startswith("rank"))
-    assert header.split() == ["rank", "layer", "index", "position", "score", "exact"]
+    assert header.split() == ["rank", "layer", "index", "score", "exact"]
     html = (folder / "report.html").read_text()
     assert "data:image/png;base64" in html
     assert len(list(folder.glob("*.png"))) >= 3
@@ -88,11 +88,9 @@ def test_run_tables_show_the_signed_estimate_of_a_signed_method(
     assert main(args) == 0
     lines = capsys.readouterr().out.splitlines()
     header = next(i for i, line in enumerate(lines) if line.lstrip().startswith("rank"))
-    assert lines[header].split() == ["rank", "layer", "index", "position", "score", "estimate"] + [
-        "exact"
-    ]
+    assert lines[header].split() == ["rank", "layer", "index", "score", "estimate", "exact"]
     first = lines[header + 1].split()
-    assert first[5] != "-" and float(first[5]) != 0.0
+    assert first[4] != "-" and float(first[4]) != 0.0
 
 
 def test_bad_pairs_file_is_a_clear_error(model_dir, tmp_path, capsys):
