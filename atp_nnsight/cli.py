@@ -181,6 +181,13 @@ def build_parser() -> argparse.ArgumentParser:
     _method_options(r)
     r.add_argument("--verify", type=POSITIVE, default=10, help="top nodes of each kind to verify")
     _batch_size(r)
+    r.add_argument(
+        "--diagnose",
+        action="store_true",
+        help="also run the false-negative diagnostic on the unverified nodes and show its "
+        "bound in the report (options below)",
+    )
+    _diagnostic_options(r)
     d = sub.add_parser(
         "diagnose",
         help="verify the top nodes of an AtP-family ranking and bound the effects it missed",
@@ -199,31 +206,36 @@ def build_parser() -> argparse.ArgumentParser:
         default=20,
         help="top nodes to verify with exact patching (K; 0 needs --theta)",
     )
-    d.add_argument(
+    _diagnostic_options(d)
+    for command, (_, help_text) in DELEGATED.items():
+        sub.add_parser(command, help=help_text, add_help=False)
+    return parser
+
+
+def _diagnostic_options(p: argparse.ArgumentParser) -> None:
+    """Options of the false-negative diagnostic (``diagnose``, and ``run --diagnose``)."""
+    p.add_argument(
         "--subsets", type=_int_type(2), default=200, help="random subsets of unverified nodes (M)"
     )
-    d.add_argument(
+    p.add_argument(
         "--p",
         type=FRACTION,
         default=None,
         help="subset inclusion probability, in (0, 1) (default min(0.5, 20/M))",
     )
-    d.add_argument(
+    p.add_argument(
         "--theta",
         type=POSITIVE_FLOAT,
         default=None,
         help="effect size that matters (default 0.1 x the largest verified |effect|)",
     )
-    d.add_argument(
+    p.add_argument(
         "--delta",
         type=FRACTION,
         default=0.05,
         help="1 - confidence of the bound, in (0, 1) (default 0.05)",
     )
-    d.add_argument("--subset-seed", type=NON_NEGATIVE, default=0, help="seed of the random subsets")
-    for command, (_, help_text) in DELEGATED.items():
-        sub.add_parser(command, help=help_text, add_help=False)
-    return parser
+    p.add_argument("--subset-seed", type=NON_NEGATIVE, default=0, help="seed of the random subsets")
 
 
 def _batch_size(p: argparse.ArgumentParser) -> None:
@@ -603,11 +615,12 @@ def run_diagnose(args: argparse.Namespace) -> int:
 
 
 def run_main_job(args: argparse.Namespace) -> int:
-    """``atp-nnsight run``: attribute, verify the top ``--verify`` of each kind, report."""
+    """``atp-nnsight run``: attribute, verify the top ``--verify`` of each kind, with
+    ``--diagnose`` bound the effects of the rest, and write the report."""
     run = _Run(args)
 
     def body() -> int:
-        from atp_nnsight.evaluation import verified_table, verify
+        from atp_nnsight.evaluation import diagnose, verified_table, verify
         from atp_nnsight.report import write_report
         from atp_nnsight.results import atomic_folder
 
@@ -622,12 +635,29 @@ def run_main_job(args: argparse.Namespace) -> int:
             checkpoint_dir=run.checkpoint("verify"),
             **options,
         )
+        diagnosis = None
+        if args.diagnose:
+            diagnosis = diagnose(
+                run.model,
+                run.pairs,
+                result,
+                verified=verified,
+                n_subsets=args.subsets,
+                p=args.p,
+                theta=args.theta,
+                delta=args.delta,
+                seed=args.subset_seed,
+                batch_size=args.batch_size,
+                checkpoint_dir=run.checkpoint("diagnose"),
+                **options,
+            )
         elapsed = run.elapsed()
         info = verified.metadata["verified"]
+        diagnostic = "" if diagnosis is None else f" + {diagnosis.cost:g} (diagnostic)"
         print(
             f"{result.method} on {result.model}: {len(run.pairs)} pairs, {len(result)} nodes, "
             f"{result.direction}, metric {result.metric}; cost {result.cost:g} (ranking, "
-            f"{ranked_at:.0f} s) + {info['cost']:g} (verification) forward passes; "
+            f"{ranked_at:.0f} s) + {info['cost']:g} (verification){diagnostic} forward passes; "
             f"{elapsed:.0f} s"
         )
         table = verified_table(verified).sort_values(["kind", "rank"], kind="stable")
@@ -664,8 +694,13 @@ def run_main_job(args: argparse.Namespace) -> int:
                 staging,
                 {result.method: verified},
                 settings=settings,
+                diagnosis=diagnosis,
+                diagnose_command=f"atp-nnsight {args.command_line} --diagnose",
                 tokens=tokens,
             )
+        if diagnosis is not None:
+            print()
+            print(diagnosis.summary(max_rows=args.top))
         print(f"\nreport: {out / Path(html).relative_to(staging)}")
         return 0
 

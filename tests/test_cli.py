@@ -79,6 +79,24 @@ def test_run_writes_report(model_dir, pairs_file, tmp_path, capsys):
     assert not (folder / "verified_recall.png").exists()
 
 
+def test_run_report_gives_the_diagnostic_command_or_its_bound(
+    model_dir, pairs_file, tmp_path, capsys
+):
+    args = ["run", "--model", model_dir, "--pairs", pairs_file, "--verify", "2"]
+    args += ["--nodes", "head", "--no-progress", "--out"]
+    assert main(args + [str(tmp_path / "plain")]) == 0
+    html = (tmp_path / "plain" / "report.html").read_text()
+    assert "Nothing bounds the effects" in html
+    assert f"atp-nnsight run --model {model_dir}" in html and "--diagnose</code>" in html
+
+    assert main(args + [str(tmp_path / "diag"), "--diagnose", "--subsets", "8"]) == 0
+    out = capsys.readouterr().out
+    assert "(diagnostic) forward passes" in out and "upper bound on the largest unverified" in out
+    html = (tmp_path / "diag" / "report.html").read_text()
+    assert "Nothing bounds the effects" not in html
+    assert "The false-negative diagnostic patched 8 random subsets" in html
+
+
 def test_run_tables_show_the_signed_estimate_of_a_signed_method(
     model_dir, pairs_file, tmp_path, capsys
 ):
