@@ -104,7 +104,9 @@ def main() -> None:
     parser.add_argument("--layers", default="10,20,40,80")
     parser.add_argument("--tokens", default="16,64,256")
     parser.add_argument("--pairs", type=int, default=16)
-    parser.add_argument("--time-at", type=int, default=80, help="L for the time comparison")
+    parser.add_argument(
+        "--time-at", type=int, default=80, help="L for the time comparison (0: none)"
+    )
     parser.add_argument("--one", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
@@ -134,6 +136,8 @@ def main() -> None:
             )
     t = args.time_at
     seq = tokens[0]
+    if t == 0:
+        return
     plain_l = run_one("plain-L", t, seq, args.pairs)
     star = run_one("atp*", t, seq, args.pairs)
     print(
