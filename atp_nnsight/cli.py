@@ -481,6 +481,27 @@ class _Run:
         checks.check_finite_scores(result)
         return result, options
 
+    def diagnose(self, result: Any, verified: Any, options: dict[str, Any]) -> Any:
+        """The false-negative diagnostic of ``result``'s unverified nodes (checkpointed), with
+        the command's ``--subsets/--p/--theta/--delta/--subset-seed``."""
+        from atp_nnsight.evaluation import diagnose
+
+        args = self.args
+        return diagnose(
+            self.model,
+            self.pairs,
+            result,
+            verified=verified,
+            n_subsets=args.subsets,
+            p=args.p,
+            theta=args.theta,
+            delta=args.delta,
+            seed=args.subset_seed,
+            batch_size=args.batch_size,
+            checkpoint_dir=self.checkpoint("diagnose"),
+            **options,
+        )
+
     def checkpoint(self, step: str) -> Path:
         assert self.root is not None
         self.steps.append(step)
@@ -559,7 +580,7 @@ def run_diagnose(args: argparse.Namespace) -> int:
     run = _Run(args)
 
     def body() -> int:
-        from atp_nnsight.evaluation import diagnose, verified_table, verify
+        from atp_nnsight.evaluation import verified_table, verify
         from atp_nnsight.results import atomic_paths
 
         result, options = run.rank()
@@ -572,20 +593,7 @@ def run_diagnose(args: argparse.Namespace) -> int:
             checkpoint_dir=run.checkpoint("verify"),
             **options,
         )
-        diagnosis = diagnose(
-            run.model,
-            run.pairs,
-            result,
-            verified=verified,
-            n_subsets=args.subsets,
-            p=args.p,
-            theta=args.theta,
-            delta=args.delta,
-            seed=args.subset_seed,
-            batch_size=args.batch_size,
-            checkpoint_dir=run.checkpoint("diagnose"),
-            **options,
-        )
+        diagnosis = run.diagnose(result, verified, options)
         info = verified.metadata["verified"]
         print(
             f"{result.method} on {result.model}: {len(run.pairs)} pairs, {len(result)} nodes, "
@@ -620,7 +628,7 @@ def run_main_job(args: argparse.Namespace) -> int:
     run = _Run(args)
 
     def body() -> int:
-        from atp_nnsight.evaluation import diagnose, verified_table, verify
+        from atp_nnsight.evaluation import verified_table, verify
         from atp_nnsight.report import write_report
         from atp_nnsight.results import atomic_folder
 
@@ -635,22 +643,7 @@ def run_main_job(args: argparse.Namespace) -> int:
             checkpoint_dir=run.checkpoint("verify"),
             **options,
         )
-        diagnosis = None
-        if args.diagnose:
-            diagnosis = diagnose(
-                run.model,
-                run.pairs,
-                result,
-                verified=verified,
-                n_subsets=args.subsets,
-                p=args.p,
-                theta=args.theta,
-                delta=args.delta,
-                seed=args.subset_seed,
-                batch_size=args.batch_size,
-                checkpoint_dir=run.checkpoint("diagnose"),
-                **options,
-            )
+        diagnosis = run.diagnose(result, verified, options) if args.diagnose else None
         elapsed = run.elapsed()
         info = verified.metadata["verified"]
         diagnostic = "" if diagnosis is None else f" + {diagnosis.cost:g} (diagnostic)"
