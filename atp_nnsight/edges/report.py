@@ -219,21 +219,21 @@ def write_circuit_report(
         fig.to_html(full_html=False, include_plotlyjs="inline" if i == 0 else False)
         for i, fig in enumerate(figures)
     ]
-    summary = [("edges in the circuit", len(circuit)), ("nodes", len(circuit.nodes()))]
-    summary += [(k, v) for k, v in circuit.info.items()]
+    summary = {"edges in the circuit": len(circuit), "nodes": len(circuit.nodes())}
+    summary |= circuit.info
     if result is not None:
-        summary += [
-            ("method", result.method),
-            ("model", result.model),
-            ("pairs", result.per_pair.shape[0]),
-            ("direction", result.direction),
-            ("metric", result.metric),
-            ("edges in the graph", len(result)),
-            ("cost (forward passes)", result.cost),
-        ]
-    summary += list((settings or {}).items())
+        summary |= {
+            "method": result.method,
+            "model": result.model,
+            "pairs": result.per_pair.shape[0],
+            "direction": result.direction,
+            "metric": result.metric,
+            "edges in the graph": len(result),
+            "cost (forward passes)": result.cost,
+        }
+    summary |= dict(settings or {})  # one row per setting (a later value replaces)
     for name, curve in (curves or {}).items():
-        summary += [(f"CPR ({name})", curve.cpr), (f"CMD ({name})", curve.cmd)]
+        summary |= {f"CPR ({name})": curve.cpr, f"CMD ({name})": curve.cmd}
     rows = circuit.table().sort_values("score", ascending=False).head(top)
     edge_rows = [
         {"edge": r.name, "input": r.input, "receivers": ", ".join(r.receivers), "score": r.score}
@@ -243,7 +243,7 @@ def write_circuit_report(
 <html><head><meta charset="utf-8"><title>{html.escape(title)}</title>
 <style>{STYLE}</style></head><body>
 <h1>{html.escape(title)}</h1>
-{_table([{"": k, "value": v} for k, v in summary])}
+{_table([{"": k, "value": v} for k, v in summary.items()])}
 <p class="note">Edges u → v: u's write into the residual stream (embeddings, a head's output
 projection slice, an MLP's output) read by v's own copy of the residual stream (a head's
 q, a KV head's k or v, an MLP's input, the logits). Faithfulness f(C) = (M(C) − M(∅)) /

@@ -123,6 +123,9 @@ def test_report_is_self_contained(result, tmp_path):
     assert "<script" in text
     assert not re.search(r"<script[^>]*\bsrc=", text), "a script is loaded from elsewhere"
     assert "Plotly.newPlot" in text and "Faithfulness" in text
+    settings_table = text.split("</table>")[0]
+    labels = re.findall(r"<tr><td>([^<]*)</td>", settings_table)
+    assert "method" in labels and len(labels) == len(set(labels)), labels  # one row per setting
 
 
 def test_faithfulness_of_full_and_empty_circuits(result):
