@@ -37,7 +37,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-from common import OUT, plain_passes, task_pairs
+from common import OUT, markdown_table, plain_passes, task_pairs
 
 from atp_nnsight import attribute, load_model, tokenize_pairs
 from atp_nnsight.edges import EdgeAttribution, attribute_edges, evaluate_circuit, patch_edges
@@ -48,16 +48,6 @@ CURVE_METHODS = ("eap", "eap-ig", "eap*")
 XS = (1, 5, 10, 20)
 TASKS = ("ioi", "factual")
 CACHE = OUT / "cache"  # per-method results and exact effects (large; not committed)
-
-
-def markdown(df: pd.DataFrame) -> str:
-    rows = [list(map(str, df.columns))] + [
-        [f"{v:.4g}" if isinstance(v, float) else str(v) for v in row]
-        for row in df.itertuples(index=False)
-    ]
-    lines = ["| " + " | ".join(r) + " |" for r in rows]
-    lines.insert(1, "|" + "---|" * len(df.columns))
-    return "\n".join(lines)
 
 
 def cached(path: Path, pairs, compute) -> EdgeAttribution:
@@ -289,7 +279,7 @@ def write_report(report: dict, args, seconds: float) -> None:
             "|mean effect| among them. Cost = method cost + verification rank of the last "
             "true top-x edge. IRWRGM over x = 1..20 relative to eap* (< 1: cheaper).",
             "",
-            markdown(df),
+            markdown_table(df, ".4g"),
             "",
             "```",
             json.dumps(report.get("recall_info", {}), indent=1),
@@ -306,9 +296,9 @@ def write_report(report: dict, args, seconds: float) -> None:
         lines += [
             "## Faithfulness of circuits (CPR higher is better, CMD lower is better)",
             "",
-            markdown(summary.reset_index()),
+            markdown_table(summary.reset_index(), ".4g"),
             "",
-            markdown(wide.reset_index()),
+            markdown_table(wide.reset_index(), ".4g"),
             "",
         ]
     if "time" in report:
@@ -316,7 +306,9 @@ def write_report(report: dict, args, seconds: float) -> None:
         lines += [
             "## Time (one thread, minimum of interleaved repeats)",
             "",
-            markdown(pd.DataFrame([{"run": k, "seconds": v} for k, v in t["seconds"].items()])),
+            markdown_table(
+                pd.DataFrame([{"run": k, "seconds": v} for k, v in t["seconds"].items()]), ".4g"
+            ),
             "",
             f"eap / node atp = {t['eap / node atp']:.2f} (target ≤ 1.5); "
             f"eap-ig / eap = {t['eap-ig / eap']:.2f} (target ≤ 5.5).",
@@ -326,7 +318,7 @@ def write_report(report: dict, args, seconds: float) -> None:
         lines += [
             "## Activation peak (MB above the value before the call)",
             "",
-            markdown(pd.DataFrame(report["memory"])),
+            markdown_table(pd.DataFrame(report["memory"]), ".4g"),
             "",
         ]
     (OUT / "bench_edges.md").write_text("\n".join(lines))

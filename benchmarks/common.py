@@ -1,10 +1,11 @@
 """Shared by the benchmark scripts: built-in task pairs and cached exact ground truth, random
-token pairs and the plain-PyTorch baseline passes."""
+token pairs, the plain-PyTorch baseline passes and markdown tables."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import pandas as pd
 import torch
 
 from atp_nnsight import Attribution, PromptPair, keep_correct, make_task, patch
@@ -68,3 +69,14 @@ def plain_passes(hf, tok, n_backward: int, pairs_per_chunk: int) -> None:
         metric = (last[rows, clean] - last[rows, noise]).sum()
         for i in range(n_backward):
             torch.autograd.grad(metric, emb, retain_graph=i < n_backward - 1)
+
+
+def markdown_table(df: pd.DataFrame, float_format: str = "g") -> str:
+    """``df`` as a GitHub markdown table; floats formatted with ``float_format``."""
+    rows = [list(map(str, df.columns))] + [
+        [format(v, float_format) if isinstance(v, float) else str(v) for v in row]
+        for row in df.itertuples(index=False)
+    ]
+    lines = ["| " + " | ".join(r) + " |" for r in rows]
+    lines.insert(1, "|" + "---|" * len(df.columns))
+    return "\n".join(lines)

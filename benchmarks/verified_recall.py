@@ -18,7 +18,7 @@ import argparse
 import time
 
 import pandas as pd
-from common import OUT, ground_truth, task_pairs
+from common import OUT, ground_truth, markdown_table, task_pairs
 
 from atp_nnsight import Attribution, attribute, load_model
 from atp_nnsight.evaluation import curves, irwrgm_table, plot_cost_of_verified_recall
@@ -26,16 +26,6 @@ from atp_nnsight.methods.atp import METHODS
 from atp_nnsight.methods.baselines import blocks, brute_force, hierarchical, subsampling
 
 XS = (1, 5, 10, 20)
-
-
-def markdown_table(df: pd.DataFrame) -> str:
-    rows = [list(map(str, df.columns))] + [
-        [f"{v:g}" if isinstance(v, float) else str(v) for v in row]
-        for row in df.itertuples(index=False)
-    ]
-    lines = ["| " + " | ".join(r) + " |" for r in rows]
-    lines.insert(1, "|" + "---|" * len(df.columns))
-    return "\n".join(lines)
 
 
 def run_methods(model, pairs, kinds, layers, n_nodes: int) -> dict[str, Attribution]:
