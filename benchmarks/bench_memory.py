@@ -46,7 +46,7 @@ def wide_model(n_layers: int):
     return tiny_model("llama", n_layers=n_layers, **WIDE)
 
 
-def measure(what: str, n_layers: int, seq_len: int, n_pairs: int) -> dict:
+def measure(what: str, n_layers: int, seq_len: int, n_pairs: int, timing: bool = False) -> dict:
     from common import plain_passes, random_token_pairs
 
     from atp_nnsight import attribute, tokenize_pairs
@@ -61,13 +61,16 @@ def measure(what: str, n_layers: int, seq_len: int, n_pairs: int) -> dict:
         n_backward = n_layers if what == "plain-L" else 1
         hf = model._module
         plain_passes(hf, tok, 1, n_pairs)
-        _, before, peak, seconds = peak_during(lambda: plain_passes(hf, tok, n_backward, n_pairs))
+        _, before, peak, seconds = peak_during(
+            lambda: plain_passes(hf, tok, n_backward, n_pairs), per_op=not timing
+        )
     else:
         attribute(model, tok, KINDS, method=what, layers=[0, n_layers - 1], progress=False)
         _, before, peak, seconds = peak_during(
             lambda: attribute(
                 model, tok, KINDS, method=what, pairs_per_chunk=n_pairs, progress=False
-            )
+            ),
+            per_op=not timing,
         )
     return {"what": what, "delta_mb": (peak - before) / 2**20, "seconds": seconds}
 
@@ -89,9 +92,10 @@ def predicted_mb(n_layers: int, seq_len: int, n_pairs: int, method: str) -> floa
     return p.peak_bytes / 2**20
 
 
-def run_one(what: str, n_layers: int, seq_len: int, n_pairs: int) -> dict:
+def run_one(what: str, n_layers: int, seq_len: int, n_pairs: int, timing: bool = False) -> dict:
+    """One measurement in a fresh process; ``timing``: no per-op peak reads (clean seconds)."""
     cmd = [sys.executable, __file__, "--one", what, "--layers", str(n_layers)]
-    cmd += ["--tokens", str(seq_len), "--pairs", str(n_pairs)]
+    cmd += ["--tokens", str(seq_len), "--pairs", str(n_pairs)] + (["--timing"] if timing else [])
     from atp_nnsight.memory import ENV
 
     env = {**os.environ, **ENV}
@@ -108,9 +112,11 @@ def main() -> None:
         "--time-at", type=int, default=80, help="L for the time comparison (0: none)"
     )
     parser.add_argument("--one", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--timing", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
-        print(json.dumps(measure(args.one, int(args.layers), int(args.tokens), args.pairs)))
+        one = measure(args.one, int(args.layers), int(args.tokens), args.pairs, args.timing)
+        print(json.dumps(one))
         return
     layers = [int(x) for x in args.layers.split(",")]
     tokens = [int(x) for x in args.tokens.split(",")]
@@ -138,8 +144,8 @@ def main() -> None:
     seq = tokens[0]
     if t == 0:
         return
-    plain_l = run_one("plain-L", t, seq, args.pairs)
-    star = run_one("atp*", t, seq, args.pairs)
+    plain_l = run_one("plain-L", t, seq, args.pairs, timing=True)
+    star = run_one("atp*", t, seq, args.pairs, timing=True)
     print(
         f"time at L={t}, T={seq}: atp* {star['seconds']:.1f} s, plain 2F+{t}B "
         f"{plain_l['seconds']:.1f} s, ratio {star['seconds'] / plain_l['seconds']:.2f} "
