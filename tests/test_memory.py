@@ -18,8 +18,9 @@ def brief_peak() -> float:
 def test_per_op_reads_catch_a_peak_the_sampler_sleeps_through():
     result, before, peak, _ = peak_during(brief_peak, interval=60.0)
     assert result == SIZE // 4
-    assert peak - before >= SIZE
-    assert live_bytes() - before < SIZE  # freed: the peak is not what stays
+    # other objects may be freed meanwhile (a collector, a cache): allow a few pages of them
+    assert peak - before >= 0.95 * SIZE
+    assert live_bytes() - before < 0.5 * SIZE  # freed: the peak is not what stays
 
 
 def test_the_sampler_stops_without_finishing_its_sleep():

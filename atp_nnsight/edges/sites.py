@@ -8,8 +8,8 @@ the residual width; q/k/v as the attention call receives them, ``[B, heads, T, D
 * :func:`iter_sites` reads one layer's sites in forward order (the graph's ``info`` dict says
   which norms sit in front of the attention and the MLP).
 * :func:`head_writes` turns a change of the per-head outputs ``Δz`` into each head's change of
-  its residual write, ``W_O[:, h] Δz_h``, by calling the output projection once on ``H``
-  masked copies stacked along a new axis (the bias cancels).
+  its residual write, ``W_O[:, h] Δz_h``, by calling the output projection on ``H`` masked
+  copies, or on the identity to read off ``W_O`` when that is cheaper (the bias cancels).
 * :func:`copy_grads` gives every attention input's *own* gradient at the residual copy it reads
   (before the norm), from the gradients at the attention call: per-head-masked gradients
   stacked on a leading axis and pushed back with one batched VJP per kind
@@ -94,17 +94,23 @@ def cut_call(op, first, call):
 def head_writes(out_proj, delta_z, n_heads):
     """Each head's change of its residual write: ``[B, H, T, d]`` for ``Δz`` ``[B, T, H*D]``.
 
-    ``out_proj(mask_h ⊙ Δz) - out_proj(0)`` for every head ``h`` in one call of the output
-    projection module on ``[B, H, T, H*D]`` (the bias, if any, cancels). No gradient.
+    ``W_O[:, h] Δz_h`` for every head ``h``, from module calls only (the bias cancels): either
+    the output projection applied to ``H`` masked copies of ``Δz`` (``H`` times its cost), or,
+    when cheaper (``H*D + B*T < H*B*T``), applied to the identity to read off ``W_O`` and a
+    per-head product. No gradient.
     """
     b, t, width = delta_z.shape
-    eye = torch.eye(n_heads, device=delta_z.device, dtype=delta_z.dtype)
-    masked = delta_z.reshape(b, 1, t, n_heads, width // n_heads) * eye.reshape(
-        1, n_heads, 1, n_heads, 1
-    )
+    d_head = width // n_heads
     with torch.no_grad():
-        out = out_proj(masked.reshape(b, n_heads, t, width))
-        return out - out_proj(delta_z.new_zeros(1, width))
+        zero = out_proj(delta_z.new_zeros(1, width))
+        if width + b * t < n_heads * b * t:
+            eye = torch.eye(width, device=delta_z.device, dtype=delta_z.dtype)
+            w = (out_proj(eye) - zero).reshape(n_heads, d_head, -1)  # [H, D, d]
+            z = delta_z.reshape(b * t, n_heads, d_head).transpose(0, 1)  # [H, B*T, D]
+            return torch.bmm(z, w.to(z.dtype)).reshape(n_heads, b, t, -1).transpose(0, 1)
+        eye = torch.eye(n_heads, device=delta_z.device, dtype=delta_z.dtype)
+        masked = delta_z.reshape(b, 1, t, n_heads, d_head) * eye.reshape(1, n_heads, 1, n_heads, 1)
+        return out_proj(masked.reshape(b, n_heads, t, width)) - zero
 
 
 def _per_unit(grad, n_units):
