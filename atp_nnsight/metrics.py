@@ -36,6 +36,11 @@ def logprob(
 METRICS: dict[str, Metric] = {"logit-diff": logit_diff, "logprob": logprob}
 
 
+def reads_last_position_only(metric: Metric) -> bool:
+    """Whether ``metric`` is a built-in (they read the last position's logits only)."""
+    return any(metric is builtin for builtin in METRICS.values())
+
+
 def resolve_metric(metric: str | Metric) -> tuple[str, Metric]:
     """``(name, function)`` for a built-in metric name or a user callable."""
     if callable(metric):

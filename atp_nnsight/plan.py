@@ -609,6 +609,7 @@ def request_bytes(config: Any, layout: NodeLayout, method: str, batch: int, seq_
     from nnsight.intervention.backends.remote import RemoteBackend
 
     from atp_nnsight.methods.atp import METHODS, _atp_body
+    from atp_nnsight.methods.common import forward_kwargs
     from atp_nnsight.metrics import logit_diff
     from atp_nnsight.models import adapter_for_config
     from atp_nnsight.remote import ship_by_value
@@ -631,6 +632,7 @@ def request_bytes(config: Any, layout: NodeLayout, method: str, batch: int, seq_
         "adapter": adapter_for_config(config),
         "roles": (ids, ids.clone(), targets, targets.clone()),
         "metric": logit_diff,
+        "forward": forward_kwargs(logit_diff),
         "kinds": layout.kinds,
         "layers": layout.layers,
         "per_position": layout.per_position,

@@ -28,7 +28,7 @@ def keep_correct(
     tokenized = tokenize_pairs(pairs, model.tokenizer, prepend_bos=prepend_bos)
     kept: list[int] = []
     for group in tokenized.chunks(batch_size):
-        with model.trace(group.clean, use_cache=False, remote=remote):
+        with model.trace(group.clean, use_cache=False, logits_to_keep=1, remote=remote):
             top = model.output.logits[:, -1].argmax(-1).detach().cpu().save()
         hits = (top == group.clean_target).tolist()
         kept.extend(i for i, hit in zip(group.indices, hits, strict=True) if hit)

@@ -15,7 +15,7 @@ from atp_nnsight.edges import eap, eap_ig
 from atp_nnsight.edges.graph import EdgeGraph
 from atp_nnsight.edges.results import EdgeAttribution
 from atp_nnsight.methods.atp import gather_estimates
-from atp_nnsight.methods.common import model_name, prepare_pairs, roles_of
+from atp_nnsight.methods.common import forward_kwargs, model_name, prepare_pairs, roles_of
 from atp_nnsight.metrics import Metric, resolve_metric
 from atp_nnsight.remote import Remote, run_chunks
 from atp_nnsight.types import check_direction
@@ -84,6 +84,7 @@ def attribute_edges(
             "graph": graph.chunk_info(),
             "roles": roles_of(g, direction),
             "metric": metric_fn,
+            "forward": forward_kwargs(metric_fn),
             "qk": flags["qk"],
             "graddrop": flags["graddrop"],
             "ig_steps": int(ig_steps),

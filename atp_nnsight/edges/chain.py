@@ -62,7 +62,7 @@ def source_pass(model, chunk, source_ids, clean_target, noise_target):
     embedding at layer 0), cloned on their devices; and the source metric on the CPU."""
     adapter = chunk["adapter"]
     kept = {}
-    with model.trace(source_ids, use_cache=False):
+    with model.trace(source_ids, **chunk["forward"]):
         for layer in range(adapter.n_layers):
             kinds = ("resid", "head", "mlp_out") if layer == 0 else ("head", "mlp_out")
             raws, _ = adapter.read_layer(model, layer, kinds)

@@ -52,7 +52,7 @@ def eap_body(model, chunk):
     (and ``gd``) ``[n, edges]``, ``metric`` and ``source_metric`` ``[n]``."""
     base_ids, source_ids, clean_target, noise_target = chunk["roles"]
     source, source_metric = source_pass(model, chunk, source_ids, clean_target, noise_target)
-    with model.trace(base_ids, use_cache=False):
+    with model.trace(base_ids, **chunk["forward"]):
         layer_sites, ups = base_pass(model, chunk, base_ids, source, _require_grad)
         logits = model.output.logits
         metric = metric_values(chunk["metric"], logits, clean_target, noise_target)

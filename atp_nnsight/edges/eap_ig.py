@@ -36,7 +36,7 @@ def eap_ig_body(model, chunk):
     source, source_metric = source_pass(model, chunk, source_ids, clean_target, noise_target)
     total, ups, base_metric = None, None, None
     for k in range(n_steps, 0, -1):
-        with model.trace(base_ids, use_cache=False):
+        with model.trace(base_ids, **chunk["forward"]):
             if ups is None:
                 layer_sites, ups = base_pass(model, chunk, base_ids, source, _require_grad)
             else:
@@ -51,7 +51,7 @@ def eap_ig_body(model, chunk):
             if base_metric is None:
                 base_metric = metric.detach().cpu()
             total = est if total is None else total + est
-            del layer_sites
+            del layer_sites, logits, metric  # not held through the next step's forward
     return {"est": total / n_steps, "metric": base_metric, "source_metric": source_metric}
 
 

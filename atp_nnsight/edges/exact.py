@@ -31,7 +31,13 @@ import torch
 from atp_nnsight.edges.graph import EdgeGraph
 from atp_nnsight.edges.results import EdgeAttribution
 from atp_nnsight.edges.sites import KINDS, head_writes, iter_sites, shifted_call
-from atp_nnsight.methods.common import metric_values, model_name, prepare_pairs, roles_of
+from atp_nnsight.methods.common import (
+    forward_kwargs,
+    metric_values,
+    model_name,
+    prepare_pairs,
+    roles_of,
+)
 from atp_nnsight.methods.exact import gather_effects
 from atp_nnsight.metrics import Metric, resolve_metric
 from atp_nnsight.remote import Remote, run_chunks
@@ -117,7 +123,7 @@ def _patched_forward(model, chunk, batch, source, masks):
     m = masks[batch["set"]]
     used = batch["used"]
     per_layer = n_q + 1
-    with model.trace(base_ids[pair], use_cache=False):
+    with model.trace(base_ids[pair], **chunk["forward"]):
         ups = []  # (D block [R, U, T, d] or None, U): source minus run, per upstream block
         for layer in range(n_layers):
             attn_off, mlp_off = chunk["offsets"][layer]
@@ -187,7 +193,7 @@ def patch_body(model, chunk):
     adapter = chunk["adapter"]
     base_ids, source_ids, clean_target, noise_target = chunk["roles"]
     n = base_ids.shape[0]
-    with model.trace(torch.cat([base_ids, source_ids]), use_cache=False):
+    with model.trace(torch.cat([base_ids, source_ids]), **chunk["forward"]):
         source = {"z": {}, "mlp_out": {}}
         for layer in range(adapter.n_layers):
             kinds = ("resid", "head", "mlp_out") if layer == 0 else ("head", "mlp_out")
@@ -339,6 +345,7 @@ def run_edge_sets(
                     "graph": graph.chunk_info(),
                     "roles": roles_of(group, direction),
                     "metric": metric,
+                    "forward": forward_kwargs(metric),
                     "offsets": tuple(graph.layer_offsets()),
                     "logits_offset": graph.logits_offset,
                     "n_edges": graph.n_edges,

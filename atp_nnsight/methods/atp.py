@@ -46,6 +46,7 @@ import torch
 from atp_nnsight.checks import check_finite_scores, check_int, check_metric_values
 from atp_nnsight.methods.common import (
     common_length,
+    forward_kwargs,
     metric_values,
     model_name,
     prepare_run,
@@ -251,7 +252,7 @@ def _atp_body(model: Any, chunk: dict) -> dict[str, torch.Tensor]:
     graddrop = chunk["graddrop"]
     lowest = min(layers)
     walk = range(lowest, n_layers) if graddrop else layers
-    with model.trace(source_ids, use_cache=False):
+    with model.trace(source_ids, **chunk["forward"]):
         source = {}
         for layer in layers:
             kinds, attention = _source_reads(chunk, layer)
@@ -264,7 +265,7 @@ def _atp_body(model: Any, chunk: dict) -> dict[str, torch.Tensor]:
         logits = model.output.logits
         source_metric = metric_values(chunk["metric"], logits, clean_target, noise_target)
         source_metric = source_metric.detach().cpu()
-    with model.trace(base_ids, use_cache=False):
+    with model.trace(base_ids, **chunk["forward"]):
         first = adapter.layer(model, 0).input
         if not first.requires_grad:
             first.requires_grad_(True)  # NDIF loads frozen weights: start the graph here
@@ -423,6 +424,7 @@ def attribute(
             "adapter": adapter,
             "roles": roles_of(g, direction),
             "metric": metric_fn,
+            "forward": forward_kwargs(metric_fn),
             "kinds": layout.kinds,
             "layers": layout.layers,
             "per_position": per_position,

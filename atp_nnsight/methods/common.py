@@ -12,7 +12,7 @@ import torch
 
 from atp_nnsight.checks import check_metric, check_metric_shape, check_model
 from atp_nnsight.data import PairGroup, TokenizedPairs, load_pairs, tokenize_pairs
-from atp_nnsight.metrics import resolve_metric
+from atp_nnsight.metrics import reads_last_position_only, resolve_metric
 from atp_nnsight.types import NODE_KINDS, check_direction
 
 
@@ -32,6 +32,16 @@ def prepare_run(
     check_metric(metric)
     metric_name, metric_fn = resolve_metric(metric)
     return prepare_pairs(model, pairs, prepend_bos), metric_name, metric_fn
+
+
+def forward_kwargs(metric: Any) -> dict[str, Any]:
+    """Keyword arguments of a run's traced forwards (put in each chunk as ``"forward"``): no
+    KV cache and, for a built-in metric, logits at the last position only
+    (``logits_to_keep=1``), so neither the ``[B, T, vocab]`` logits nor their gradient exist."""
+    kwargs: dict[str, Any] = {"use_cache": False}
+    if reads_last_position_only(metric):
+        kwargs["logits_to_keep"] = 1
+    return kwargs
 
 
 def common_length(tok: TokenizedPairs) -> int:

@@ -19,6 +19,7 @@ import torch
 from atp_nnsight.checks import check_finite_scores, check_int, check_metric_values
 from atp_nnsight.methods.common import (
     common_length,
+    forward_kwargs,
     metric_values,
     model_name,
     prepare_run,
@@ -149,7 +150,7 @@ def _patch_body(model: Any, chunk: dict) -> dict[str, Any]:
     adapter = chunk["adapter"]
     base_ids, source_ids, clean_target, noise_target = chunk["roles"]
     n = base_ids.shape[0]
-    with model.trace(torch.cat([base_ids, source_ids]), use_cache=False):
+    with model.trace(torch.cat([base_ids, source_ids]), **chunk["forward"]):
         source = {}
         for layer, kinds in chunk["source_sites"]:
             raws, _ = adapter.read_layer(model, layer, kinds)
@@ -163,7 +164,7 @@ def _patch_body(model: Any, chunk: dict) -> dict[str, Any]:
     effects = []
     for batch in chunk["batches"]:
         pair = batch["pair"]
-        with model.trace(base_ids[pair], use_cache=False):
+        with model.trace(base_ids[pair], **chunk["forward"]):
             for layer, writes in batch["layers"]:
                 by_kind = {w["kind"]: w for w in writes}
                 for kind, raw in adapter.iter_layer(model, layer, tuple(by_kind)):
@@ -267,6 +268,7 @@ def run_node_sets(
                     "adapter": adapter,
                     "roles": roles,
                     "metric": metric,
+                    "forward": forward_kwargs(metric),
                     "source_sites": source_sites_t,
                     "batches": batches,
                 }

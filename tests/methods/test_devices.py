@@ -61,8 +61,9 @@ def layers(family: str):
 
 
 def assert_same(split: np.ndarray, single: np.ndarray) -> None:
-    """Virtual devices are all the CPU: splitting must not change a number."""
-    np.testing.assert_allclose(split, single, rtol=1e-5, atol=1e-6)
+    """Virtual devices are all the CPU: splitting changes nothing but float32 rounding (the
+    last position's logits are a row slice whose memory layout the split's hooks may change)."""
+    np.testing.assert_allclose(split, single, rtol=1e-5, atol=1e-5)
 
 
 # ---------------------------------------------------------------------------------------------
