@@ -11,7 +11,8 @@ Memory model of one chunk of ``B`` pairs of ``T`` tokens (bytes; AtP-family meth
   input (frozen weights), measured by running the model on the meta device under
   ``saved_tensors_hooks`` (fused attention counted as flash attention saves it: q, k, v, the
   output and the log-sum-exp; eager attention saves its probabilities);
-* ``logits``: the base run's logits ``B·T·V`` (model dtype), held until the backward starts,
+* ``logits``: the base run's last-position logits ``B·V`` (built-in metrics), held until the
+  backward starts,
   and their gradient, which the backward through the unembedding materialises;
 * ``source``: what the engine keeps of the source run until the backward reaches its layer:
   a clone (model dtype) of sites autograd saves anyway (resid, q, k, v), the float32
@@ -374,7 +375,7 @@ def atp_memory(
     return {
         "graph": batch * (fixed + n_layers * per_layer),
         "backward": batch * per_layer,
-        "logits": 2 * batch * seq_len * vocab * size,
+        "logits": 2 * batch * vocab * size,  # last position only (built-in metrics)
         "source": batch * source,
         "transient": batch * (largest * (size + 3 * 4) + streams) + qk_temp,
     }
