@@ -18,6 +18,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from torch.utils._python_dispatch import TorchDispatchMode
+
 ENV = {"MALLOC_ARENA_MAX": "1"}
 """Environment for measuring subprocesses: one malloc arena."""
 
@@ -53,23 +55,18 @@ def live_bytes() -> int:
     return int(info.uordblks + info.hblkhd)
 
 
-class _PeakAfterEachOp:
+class _PeakAfterEachOp(TorchDispatchMode):
     """Records live bytes after every aten op on this thread (forward and backward): peaks that
     last less than the sampler's interval are not missed on a busy machine."""
 
     def __init__(self) -> None:
-        from torch.utils._python_dispatch import TorchDispatchMode
-
-        tracker = self
-
-        class Mode(TorchDispatchMode):
-            def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
-                out = func(*args, **(kwargs or {}))
-                tracker.peak = max(tracker.peak, live_bytes())
-                return out
-
+        super().__init__()
         self.peak = 0
-        self.mode = Mode()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
+        out = func(*args, **(kwargs or {}))
+        self.peak = max(self.peak, live_bytes())
+        return out
 
 
 def peak_during(
@@ -79,7 +76,7 @@ def peak_during(
 
     The peak is the larger of a sampling thread's (every ``interval`` seconds; sees memory
     held inside an op) and, with ``per_op``, the value after every aten op (deterministic;
-    costs about 50 µs per op, so leave it off when ``seconds`` is the measurement)."""
+    a few µs per op, so leave it off when ``seconds`` is the measurement)."""
     before = live_bytes()
     peak = [before]
     done = threading.Event()
@@ -97,7 +94,7 @@ def peak_during(
         if after_op is None:
             result = fn()
         else:
-            with after_op.mode:
+            with after_op:
                 result = fn()
     finally:
         seconds = time.perf_counter() - start

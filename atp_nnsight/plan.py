@@ -12,8 +12,7 @@ Memory model of one chunk of ``B`` pairs of ``T`` tokens (bytes; AtP-family meth
   ``saved_tensors_hooks`` (fused attention counted as flash attention saves it: q, k, v, the
   output and the log-sum-exp; eager attention saves its probabilities);
 * ``logits``: the base run's last-position logits ``B·V`` (built-in metrics), held until the
-  backward starts,
-  and their gradient, which the backward through the unembedding materialises;
+  backward starts, and their gradient, which the backward through the unembedding materialises;
 * ``source``: what the engine keeps of the source run until the backward reaches its layer:
   a clone (model dtype) of sites autograd saves anyway (resid, q, k, v), the float32
   difference ``source - base`` of the others;
