@@ -20,6 +20,7 @@ upstream]`` values reach the CPU. Plain dicts and torch only (shipped to NDIF).
 from __future__ import annotations
 
 import torch
+from torch.autograd.graph import get_gradient_edge
 
 from atp_nnsight.edges.sites import (
     contract,
@@ -37,9 +38,15 @@ FULL = -1
 """Stream id of the undropped backward (dropped ones are named by their layer)."""
 
 
-def collect_layer(model, chunk, layer, on_input=None):
+def collect_layer(model, chunk, layer, on_input=None, source=None):
     """Read ``layer``'s sites (forward order) into a dict; ``on_input(resid, layer_handle)``
-    may replace layer 0's input (and must return the tensor the layer then reads)."""
+    may replace layer 0's input (and must return the tensor the layer then reads).
+
+    With ``source`` (the layer's writes in the source run, see :func:`source_pass`), the
+    layer's ``Δu`` is stored as ``up``. The residual writes ``attn_out`` and ``mlp_out`` are
+    then kept only as gradient edges (autograd saves neither; only where they enter the graph
+    is needed by the backward), with their devices as ``attn_out_device``/``mlp_out_device``.
+    """
     adapter, info = chunk["adapter"], chunk["graph"]
     last = layer == adapter.n_layers - 1
     sites = {}
@@ -54,6 +61,12 @@ def collect_layer(model, chunk, layer, on_input=None):
         if name == "call":
             sites["leaves"] = cut_call(handle, adapter.attention_call[1], value)
     sites["attn_norm"] = getattr(adapter.layer(model, layer), info["attn_norm"])
+    if source is not None:
+        sites["up"] = upstream_writes(model, chunk, layer, sites, source)
+    for name in ("attn_out", "mlp_out"):
+        write = sites.pop(name)
+        sites[name] = get_gradient_edge(write)
+        sites[name + "_device"] = write.device
     return sites
 
 
@@ -149,7 +162,7 @@ def layer_step(chunk, layer, sites, streams, ups, continue_below):
     grads, mlp_grads = {}, {}
     for i, sid in enumerate(ids):
         release = i == len(ids) - 1
-        g_out = streams[sid].to(sites["mlp_out"].device)  # also the gradient at each write
+        g_out = streams[sid].to(sites["mlp_out_device"])  # also the gradient at each write
         (g_mlp_in,) = vjp(sites["mlp_out"], [sites["mlp_in"]], g_out, release)
         (g_mlp,) = vjp(
             sites["mlp_in"], [sites["mlp_copy"]], g_mlp_in, release and not info["shared_norm"]
@@ -160,7 +173,7 @@ def layer_step(chunk, layer, sites, streams, ups, continue_below):
         if not info["parallel"]:
             g_write = g_write + g_mlp
         grads[sid] = vjp(
-            sites["attn_out"], attn_inputs, g_write.to(sites["attn_out"].device), release
+            sites["attn_out"], attn_inputs, g_write.to(sites["attn_out_device"]), release
         )
         mlp_grads[sid] = g_mlp
     blocks_attn = ups[: 1 + layer]
@@ -176,11 +189,14 @@ def layer_step(chunk, layer, sites, streams, ups, continue_below):
         fixed = _qk_fixed(chunk, sites, blocks_attn, grads_z)
     values, below = {}, {}
     n_q, n_kv = adapter.n_heads, adapter.n_kv_heads
+    copy_device = sites["resid"].device  # where the attention copies' gradients arrive
+    n_copies = sum(sites["call"][kind].shape[1] for kind in ("q", "k", "v"))
     for i, sid in enumerate(ids):
         g_mlp = mlp_grads.pop(sid)
-        g_attn = copy_grads(sites, grads.pop(sid)[:3], i == len(ids) - 1)
-        # one pass over the earlier writes for the attention inputs and the MLP input together
-        g_all = torch.cat([g_attn, g_mlp.to(g_attn.device).unsqueeze(0)])
+        # the attention inputs' own gradients, then the MLP input's: one pass over the writes
+        g_all = g_mlp.new_empty((n_copies + 1, *g_mlp.shape), device=copy_device)
+        copy_grads(sites, grads.pop(sid)[:3], i == len(ids) - 1, g_all)
+        g_all[-1] = g_mlp.to(copy_device)
         both = contract(blocks_attn, g_all).transpose(1, 2)
         attn, mlp = both[:, :-1], both[:, -1:]
         if own_heads is not None:  # sequential blocks: the MLP also reads this layer's heads
@@ -192,7 +208,7 @@ def layer_step(chunk, layer, sites, streams, ups, continue_below):
         values[sid] = {"attn": attn, "mlp": mlp}
         if continue_below:
             resid = sites["resid"]
-            g_copies = g_attn.sum(0).to(resid.device)
+            g_copies = g_all[:-1].sum(0).to(resid.device)
             below[sid] = streams[sid].to(resid.device) + g_mlp.to(resid.device) + g_copies
     return values, below
 

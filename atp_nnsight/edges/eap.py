@@ -20,7 +20,7 @@ Per pair (noising: base = clean, source = noise; denoising swaps them), for edge
 
 from __future__ import annotations
 
-from atp_nnsight.edges.chain import backward_chain, collect_layer, source_pass, upstream_writes
+from atp_nnsight.edges.chain import backward_chain, collect_layer, source_pass
 from atp_nnsight.methods.common import metric_values
 
 
@@ -38,11 +38,11 @@ def base_pass(model, chunk, base_ids, source, on_input):
     """
     layer_sites, ups = {}, []
     for layer in range(chunk["adapter"].n_layers):
-        sites = collect_layer(model, chunk, layer, on_input if layer == 0 else None)
         kept = source.pop(layer)
+        sites = collect_layer(model, chunk, layer, on_input if layer == 0 else None, kept)
         if layer == 0:
             ups.append((kept["resid"] - sites["resid"].detach()).unsqueeze(1))
-        ups.append(upstream_writes(model, chunk, layer, sites, kept))
+        ups.append(sites.pop("up"))
         layer_sites[layer] = sites
     return layer_sites, ups
 

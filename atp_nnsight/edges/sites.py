@@ -12,8 +12,8 @@ the residual width; q/k/v as the attention call receives them, ``[B, heads, T, D
   copies, or on the identity to read off ``W_O`` when that is cheaper (the bias cancels).
 * :func:`copy_grads` gives every attention input's *own* gradient at the residual copy it reads
   (before the norm), from the gradients at the attention call: per-head-masked gradients
-  stacked on a leading axis and pushed back with one batched VJP per kind
-  (``is_grads_batched``), then one batched VJP through the norm.
+  stacked on a leading axis and pushed back with batched VJPs (``is_grads_batched``) through
+  the projections and then the norm, a few heads at a time.
 * :func:`shifted_call` gives the exact q/k/v the attention call would receive if each of ``P``
   residual copies were shifted: the input norm is called on the shifted copies, and the
   affine map from the norm's output to the call (projections, head split, rotary) is applied
@@ -113,40 +113,49 @@ def head_writes(out_proj, delta_z, n_heads):
         return out_proj(masked.reshape(b, n_heads, t, width)) - zero
 
 
-def _per_unit(grad, n_units):
-    """``[n, B, n, T, D]``: ``grad`` ``[B, n, T, D]``, all but unit ``i`` zeroed in entry ``i``."""
-    eye = torch.eye(n_units, device=grad.device, dtype=grad.dtype)
-    return grad.unsqueeze(0) * eye.reshape(n_units, 1, n_units, 1, 1)
+GROUP = 4
+"""Attention inputs whose own gradients are pushed back together (one batched VJP through
+their projection and one through the norm): bounds :func:`copy_grads`' temporaries to a few
+residual-stream-sized tensors per member, whatever the number of heads."""
 
 
-def copy_grads(sites, grads, release):
-    """Own gradients of every attention input at its residual copy: ``[N, B, T, d]``.
+def _per_unit(grad, units):
+    """``[len(units), B, n, T, D]``: ``grad`` ``[B, n, T, D]``, all but unit ``units[i]``
+    zeroed in entry ``i``."""
+    eye = torch.eye(grad.shape[1], device=grad.device, dtype=grad.dtype)[list(units)]
+    return grad.unsqueeze(0) * eye.reshape(len(units), 1, grad.shape[1], 1, 1)
+
+
+def copy_grads(sites, grads, release, out):
+    """Own gradients of every attention input at its residual copy, written into ``out[:N]``
+    (``out`` ``[≥ N, B, T, d]``, on the layer input's device).
 
     ``grads``: gradients at the call's q, k, v (``[B, heads, T, D]``, None for no gradient).
-    Order: q per query head, k per KV head, v per KV head. ``release``: the last use of this
-    layer's graph (its buffers are freed).
+    Order: q per query head, k per KV head, v per KV head; :data:`GROUP` inputs at a time.
+    ``release``: the last use of this layer's graph (its buffers are freed).
     """
-    call, attn_in = sites["call"], sites["attn_in"]
-    parts = []
+    call, attn_in, resid = sites["call"], sites["attn_in"], sites["resid"]
+    groups = []
     for i, kind in enumerate(KINDS):
-        tensor = call[kind]
+        n_units = call[kind].shape[1]
+        groups += [(i, range(u, min(u + GROUP, n_units))) for u in range(0, n_units, GROUP)]
+    row = 0
+    for j, (i, units) in enumerate(groups):
+        last = release and j == len(groups) - 1
+        tensor = call[KINDS[i]]
         grad = grads[i] if grads[i] is not None else torch.zeros_like(tensor)
         (g,) = torch.autograd.grad(
             tensor,
             attn_in,
-            grad_outputs=_per_unit(grad, tensor.shape[1]),
+            grad_outputs=_per_unit(grad, units),
             is_grads_batched=True,
-            retain_graph=not (release and kind == "v"),
+            retain_graph=not last,
         )
-        parts.append(g)
-    (out,) = torch.autograd.grad(
-        attn_in,
-        sites["resid"],
-        grad_outputs=torch.cat(parts),
-        is_grads_batched=True,
-        retain_graph=not release,
-    )
-    return out
+        (g,) = torch.autograd.grad(
+            attn_in, resid, grad_outputs=g, is_grads_batched=True, retain_graph=not last
+        )
+        out[row : row + len(units)] = g.to(out.device)
+        row += len(units)
 
 
 def vjp(outputs, inputs, grad, release):
