@@ -21,7 +21,9 @@ On a CPU-only machine nothing fails, so this module makes those ops visible:
   - Autograd runs in C++ where no mode sees it, so ``torch.autograd.grad``, ``backward`` and
     ``Tensor.backward`` are re-run here with the mode kept active (backward hooks, which
     nnsight's ``.grad`` uses, stay checked): a ``grad_outputs`` entry must be on its output's
-    device (0-dim excepted, as autograd moves those); returned gradients, hook gradients and
+    device (0-dim excepted, as autograd moves those; an output or input given as a
+    ``GradientEdge`` has the device of the tensor it was taken from, recorded in its autograd
+    node's ``metadata``); returned gradients, hook gradients and
     ``.grad`` get their tensor's device; a hook that returns a gradient on another device is
     flagged.
 
@@ -42,7 +44,8 @@ Violations are recorded (op, devices, the innermost frames of this project) and 
 
 Limits: only ops that reach Python in the calling thread are seen (not custom C++/CUDA
 kernels, ``torch.compile`` or other threads); tensors created by deserialisation or from numpy
-are the real CPU; gradients of ``is_grads_batched`` calls are not re-run under the mode; a
+are the real CPU; gradients of ``is_grads_batched`` calls are not re-run under the mode (their
+results are placed on their inputs' devices, unchecked inside); a
 module placed on one device is assumed to hold all its parameters there.
 """
 
@@ -60,13 +63,16 @@ import nnsight  # noqa: F401  (patches Tensor.backward; both versions are handle
 import torch
 from accelerate.hooks import AlignDevicesHook
 from torch.autograd import _make_grads, _tensor_or_tensors_to_tuple
-from torch.autograd.graph import _engine_run_backward
+from torch.autograd.graph import GradientEdge, _engine_run_backward
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
 from torch.utils.weak import WeakTensorKeyDictionary
 
 Tag = int | None
 """A virtual device index; ``None`` is the real CPU."""
+
+_NODE_KEY = "virtual_device"
+"""Key of a tensor's tag in its autograd node's ``metadata`` (read for ``GradientEdge``s)."""
 
 _HERE = str(Path(__file__).resolve())
 _ROOT = str(Path(__file__).resolve().parents[1]) + "/"
@@ -140,8 +146,20 @@ class VirtualDevices(TorchFunctionMode):
         if tag is None:
             self.tags.pop(tensor, None)
         else:
-            self.tags[tensor] = tag
+            self._set(tensor, tag)
         return tensor
+
+    def _set(self, tensor: torch.Tensor, tag: Tag) -> None:
+        """Tag ``tensor``, and its autograd node, so a ``GradientEdge`` to it has a device."""
+        self.tags[tensor] = tag
+        if tensor.grad_fn is not None:
+            tensor.grad_fn.metadata[_NODE_KEY] = tag
+
+    def tag_of(self, x: Any) -> Tag:
+        """The tag of a tensor, or of the tensor a ``GradientEdge`` leads to."""
+        if isinstance(x, GradientEdge):
+            return x.node.metadata.get(_NODE_KEY)
+        return self.tags.get(x)
 
     def tag(self, tensor: torch.Tensor) -> Tag:
         return self.tags.get(tensor)
@@ -221,7 +239,7 @@ class VirtualDevices(TorchFunctionMode):
         if tag is not None:
             for leaf in tree_flatten(out)[0]:
                 if isinstance(leaf, torch.Tensor):
-                    self.tags[leaf] = tag
+                    self._set(leaf, tag)
         return out
 
     # ---- devices and moves ----------------------------------------------------------------
@@ -339,8 +357,10 @@ class VirtualDevices(TorchFunctionMode):
 
     def _check_grad_outputs(self, op: str, outputs: tuple, grads: tuple) -> None:
         for i, (out, g) in enumerate(zip(outputs, grads, strict=True)):
-            if isinstance(out, torch.Tensor) and isinstance(g, torch.Tensor) and g.dim() > 0:
-                t_out, t_g = self.tags.get(out), self.tags.get(g)
+            if isinstance(out, torch.Tensor | GradientEdge) and isinstance(g, torch.Tensor):
+                if g.dim() == 0:
+                    continue
+                t_out, t_g = self.tag_of(out), self.tags.get(g)
                 if t_out != t_g:
                     self._violation(
                         op,
@@ -369,8 +389,15 @@ class VirtualDevices(TorchFunctionMode):
         a = _GRAD_SIGNATURE.bind(*args, **kwargs)
         a.apply_defaults()
         p = a.arguments
-        if p["is_grads_batched"] or isinstance(p["inputs"], dict):
+        if isinstance(p["inputs"], dict):
             return func(*args, **kwargs)  # not re-run under the mode (see Limits)
+        if p["is_grads_batched"]:  # not re-run under the mode; results go to their inputs
+            result = func(*args, **kwargs)
+            inputs = _as_tuple(p["inputs"])
+            return tuple(
+                g if g is None else self.place(g, self.tag_of(inp))
+                for g, inp in zip(result, inputs, strict=True)
+            )
         outputs = _as_tuple(p["outputs"])
         inputs = _as_tuple(p["inputs"])
         grads = _tensor_or_tensors_to_tuple(p["grad_outputs"], len(outputs))
@@ -386,7 +413,7 @@ class VirtualDevices(TorchFunctionMode):
         for g, inp in zip(result, inputs, strict=True):
             if g is None and p["materialize_grads"]:
                 g = torch.zeros_like(inp, requires_grad=p["create_graph"])
-            placed.append(g if g is None else self.place(g, self.tags.get(inp)))
+            placed.append(g if g is None else self.place(g, self.tag_of(inp)))
         return tuple(placed)
 
     def _backward(self, tensors: Any, grads: Any, retain: Any, create: bool, inputs: Any) -> None:

@@ -14,6 +14,7 @@ import numpy as np
 from atp_nnsight.edges import eap, eap_ig
 from atp_nnsight.edges.graph import EdgeGraph
 from atp_nnsight.edges.results import EdgeAttribution
+from atp_nnsight.edges.sites import per_head_projections
 from atp_nnsight.methods.atp import gather_estimates
 from atp_nnsight.methods.common import forward_kwargs, model_name, prepare_pairs, roles_of
 from atp_nnsight.metrics import Metric, resolve_metric
@@ -90,6 +91,12 @@ def attribute_edges(
             "ig_steps": int(ig_steps),
             "qk_bytes": int(
                 qk_chunk_bytes or qk_budget(len(g.indices), g.length, graph.adapter.d_model)
+            ),
+            "projections": per_head_projections(
+                graph.adapter,
+                (graph.n_layers + 1) // 2 if flags["graddrop"] else 1,  # streams per layer
+                len(g.indices),
+                g.length,
             ),
         }
         for g in groups

@@ -50,11 +50,16 @@ def collect_layer(model, chunk, layer, on_input=None, source=None):
     adapter, info = chunk["adapter"], chunk["graph"]
     last = layer == adapter.n_layers - 1
     sites = {}
-    for name, value, handle in iter_sites(model, adapter, info, layer, last):
+    projections = chunk["projections"]
+    for name, value, handle in iter_sites(model, adapter, info, layer, last, projections):
         if name == "resid" and on_input is not None:
             value = on_input(value, handle)
         if name == "mlp_copy" and info["shared_norm"]:
             value = sites["resid"]  # the layer input, as replaced by on_input
+        if name == "proj":  # only where its output enters the graph is needed
+            edge = get_gradient_edge(value[1])
+            sites.setdefault("proj", {})[value[0]] = {"edge": edge, "module": handle}
+            continue
         sites[name] = value
         if name in ("q_norm", "k_norm"):
             sites[name + "_module"] = handle
@@ -195,7 +200,7 @@ def layer_step(chunk, layer, sites, streams, ups, continue_below):
         g_mlp = mlp_grads.pop(sid)
         # the attention inputs' own gradients, then the MLP input's: one pass over the writes
         g_all = g_mlp.new_empty((n_copies + 1, *g_mlp.shape), device=copy_device)
-        copy_grads(sites, grads.pop(sid)[:3], i == len(ids) - 1, g_all)
+        copy_grads(sites, grads.pop(sid)[:3], i == len(ids) - 1, g_all, chunk["projections"])
         g_all[-1] = g_mlp.to(copy_device)
         both = contract(blocks_attn, g_all).transpose(1, 2)
         attn, mlp = both[:, :-1], both[:, -1:]

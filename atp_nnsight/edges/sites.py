@@ -30,12 +30,14 @@ import torch
 KINDS = ("q", "k", "v")
 
 
-def iter_sites(model, adapter, info, layer, last):
+def iter_sites(model, adapter, info, layer, last, projections=None):
     """Yield ``(name, value, handle)`` for ``layer``'s sites in forward order (inside a trace).
 
     Names: ``resid`` (layer input, the attention's residual copy; handle: the layer),
     ``attn_in`` (attention input = the attention norm's output; handle: the attention module),
-    ``q_norm``/``k_norm`` (``(input, output)`` of the query/key norm, families with one),
+    ``proj`` (``(name, output)`` of each q/k/v projection in ``projections``, a subset of
+    ``Adapter.projections``; handle: the projection), ``q_norm``/``k_norm`` (``(input,
+    output)`` of the query/key norm, families with one),
     ``call`` (the attention call dict of ``Adapter.iter_layer``; handle: its source op),
     ``z`` (per-head outputs, the output projection's input), ``attn_out`` (the attention's
     residual write), ``mlp_copy`` (the MLP norm's
@@ -53,10 +55,17 @@ def iter_sites(model, adapter, info, layer, last):
     _, resid = next(items)
     yield "resid", resid, block
     yield "attn_in", attn.input, attn
-    if info["qk_norms"] is not None:
-        for name, norm_name in zip(("q_norm", "k_norm"), info["qk_norms"], strict=True):
-            norm = getattr(attn, norm_name)
-            yield name, (norm.input, norm.output), norm
+    norms = dict(zip(("q", "k"), info["qk_norms"] or (), strict=False))
+    read = set()
+    for kind in KINDS:  # projections and query/key norms run in this order in every family
+        spec = (projections or {}).get(kind)
+        if spec is not None and spec[0] not in read:
+            read.add(spec[0])
+            proj = getattr(attn, spec[0])
+            yield "proj", (spec[0], proj.output), proj
+        if kind in norms:
+            norm = getattr(attn, norms[kind])
+            yield kind + "_norm", (norm.input, norm.output), norm
     _, call = next(items)
     yield "call", call, op
     _, z = next(items)
@@ -114,9 +123,9 @@ def head_writes(out_proj, delta_z, n_heads):
 
 
 GROUP = 4
-"""Attention inputs whose own gradients are pushed back together (one batched VJP through
-their projection and one through the norm): bounds :func:`copy_grads`' temporaries to a few
-residual-stream-sized tensors per member, whatever the number of heads."""
+"""Attention inputs whose own gradients are pushed back together (through the projection, then
+the norm): bounds :func:`copy_grads`' temporaries to a few residual-stream-sized tensors per
+member, whatever the number of heads."""
 
 
 def _per_unit(grad, units):
@@ -126,15 +135,87 @@ def _per_unit(grad, units):
     return grad.unsqueeze(0) * eye.reshape(len(units), 1, grad.shape[1], 1, 1)
 
 
-def copy_grads(sites, grads, release, out):
+def _columns(spec, n_units, d_head, device):
+    """Output columns of a projection holding units ``0..n_units-1``: ``[n_units, d_head]``."""
+    _, start, stride = spec
+    units = torch.arange(n_units, device=device).unsqueeze(1) * stride
+    return start + units + torch.arange(d_head, device=device)
+
+
+def _rows(module, like, columns):
+    """Rows ``columns`` (``[n, D]``) of the projection's weight as ``[n, D, d]``: VJPs of one
+    call on a zero input with one-hot output gradients (the bias drops out; exact in any
+    dtype), :data:`GROUP` units at a time."""
+    x = like.new_zeros(1, like.shape[-1]).requires_grad_(True)
+    with torch.enable_grad():
+        y = module(x)
+    parts = []
+    for u0 in range(0, columns.shape[0], GROUP):
+        cols = columns[u0 : u0 + GROUP].flatten()
+        onehot = y.new_zeros(cols.numel(), 1, y.shape[-1])
+        onehot[torch.arange(cols.numel(), device=cols.device), 0, cols] = 1
+        (rows,) = torch.autograd.grad(
+            y, x, grad_outputs=onehot, is_grads_batched=True, retain_graph=True
+        )
+        parts.append(rows.reshape(-1, columns.shape[1], x.shape[-1]))
+    return torch.cat(parts)
+
+
+def _projected(sites, grads, specs):
+    """Per kind of ``specs`` (kinds with a head-local projection, see
+    ``Adapter.projections``): the gradient at its projection's output, one VJP for all
+    kinds, as ``[B, T, n_units, D]``, and the units' weight rows ``[n_units, D, d]`` (read
+    once per layer, kept in ``sites["rows"]`` for the other streams)."""
+    call, projs = sites["call"], sites["proj"]
+    kinds = [kind for kind in KINDS if kind in specs]
+    names = list(dict.fromkeys(specs[kind][0] for kind in kinds))
+    outputs = [call[kind] for kind in kinds]
+    grad_outputs = []
+    for kind in kinds:
+        grad = grads[KINDS.index(kind)]
+        grad_outputs.append(grad if grad is not None else torch.zeros_like(call[kind]))
+    at_proj = torch.autograd.grad(
+        outputs, [projs[name]["edge"] for name in names], grad_outputs, retain_graph=True
+    )
+    at_proj = dict(zip(names, at_proj, strict=True))
+    rows = sites.setdefault("rows", {})
+    out = {}
+    for kind in kinds:
+        name = specs[kind][0]
+        n_units, d_head = call[kind].shape[1], call[kind].shape[3]
+        g = at_proj[name]
+        columns = _columns(specs[kind], n_units, d_head, g.device)
+        if kind not in rows:
+            rows[kind] = _rows(projs[name]["module"], sites["attn_in"], columns)
+        out[kind] = g[..., columns.flatten()].unflatten(-1, (n_units, d_head))
+    return out
+
+
+def per_head_projections(adapter, n_streams, n_rows, seq_len):
+    """The part of ``adapter.projections`` :func:`copy_grads` should push each head through
+    its own weight rows: all of it when reading the rows (``head_dim`` VJPs per unit, once
+    per layer) costs less than one masked projection backward per unit and stream
+    (``n_streams * n_rows * seq_len`` token rows each; ``n_streams``: backward streams per
+    layer, on average), else nothing."""
+    if adapter.head_dim < n_streams * n_rows * seq_len:
+        return dict(adapter.projections)
+    return {}
+
+
+def copy_grads(sites, grads, release, out, specs):
     """Own gradients of every attention input at its residual copy, written into ``out[:N]``
     (``out`` ``[≥ N, B, T, d]``, on the layer input's device).
 
     ``grads``: gradients at the call's q, k, v (``[B, heads, T, D]``, None for no gradient).
     Order: q per query head, k per KV head, v per KV head; :data:`GROUP` inputs at a time.
-    ``release``: the last use of this layer's graph (its buffers are freed).
+    ``specs``: the chunk's :func:`per_head_projections` (read by :func:`iter_sites`); a kind
+    there is pushed through its units' own weight rows (one product per unit), the others
+    through the whole projection with all but one unit's gradient masked (one projection
+    backward per unit). ``release``: the last use of
+    this layer's graph (its buffers are freed).
     """
     call, attn_in, resid = sites["call"], sites["attn_in"], sites["resid"]
+    projected = _projected(sites, grads, specs) if specs else {}
     groups = []
     for i, kind in enumerate(KINDS):
         n_units = call[kind].shape[1]
@@ -142,15 +223,20 @@ def copy_grads(sites, grads, release, out):
     row = 0
     for j, (i, units) in enumerate(groups):
         last = release and j == len(groups) - 1
-        tensor = call[KINDS[i]]
-        grad = grads[i] if grads[i] is not None else torch.zeros_like(tensor)
-        (g,) = torch.autograd.grad(
-            tensor,
-            attn_in,
-            grad_outputs=_per_unit(grad, units),
-            is_grads_batched=True,
-            retain_graph=not last,
-        )
+        kind = KINDS[i]
+        if kind in projected:
+            g = projected[kind][:, :, units.start : units.stop].flatten(0, 1).transpose(0, 1)
+            w = sites["rows"][kind][units.start : units.stop]
+            g = torch.bmm(g, w).unflatten(1, attn_in.shape[:2])  # [n, B, T, d]
+        else:
+            grad = grads[i] if grads[i] is not None else torch.zeros_like(call[kind])
+            (g,) = torch.autograd.grad(
+                call[kind],
+                attn_in,
+                grad_outputs=_per_unit(grad, units),
+                is_grads_batched=True,
+                retain_graph=True,
+            )
         (g,) = torch.autograd.grad(
             attn_in, resid, grad_outputs=g, is_grads_batched=True, retain_graph=not last
         )

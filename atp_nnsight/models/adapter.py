@@ -141,6 +141,12 @@ def find_attention_call(source: Any, prefer: str | None, where: str) -> tuple[st
     )
 
 
+def separate_projections(head_dim: int, kinds: str = "qkv") -> dict[str, tuple[str, int, int]]:
+    """``projections`` of separate ``q_proj``/``k_proj``/``v_proj`` modules (one head after
+    the other along each output)."""
+    return {kind: (kind + "_proj", 0, head_dim) for kind in kinds}
+
+
 class Adapter:
     """Module paths and sizes of one architecture family (see the family modules).
 
@@ -153,6 +159,12 @@ class Adapter:
     model (re-checked, and re-found if needed, against the model actually traced, e.g. on
     the server); ``attention_prefer`` disambiguates when several calls receive q, k, v.
     ``where``: model class and library versions, for error messages.
+    ``projections``: q/k/v kind → ``(module, start, stride)``: the projection under ``attn``
+    whose output holds unit ``u``'s features in columns ``start + u * stride + [0, head_dim)``,
+    given only for kinds whose path from that output to the attention call stays within each
+    head (per-head norms, rotary and elementwise clamps do; a norm over all heads does not).
+    Edge methods use it to push each head's gradient through its
+    own rows of the projection (:func:`atp_nnsight.edges.sites.copy_grads`).
     """
 
     def __init__(
@@ -175,6 +187,7 @@ class Adapter:
         mlp_write: str | None = None,
         unsupported: dict[str, str] | None = None,
         attention_prefer: str | None = None,
+        projections: dict[str, tuple[str, int, int]] | None = None,
         where: str = "",
     ) -> None:
         self.family = family
@@ -194,6 +207,7 @@ class Adapter:
         self.mlp_write = mlp_write
         self.unsupported = dict(unsupported or {})
         self.attention_prefer = attention_prefer
+        self.projections = dict(projections or {})
         self.where = where or family
         self.attention_call: tuple[str, int] | None = None
 

@@ -32,4 +32,8 @@ def make_adapter(config: Any) -> Adapter:
         d_model=config.n_embd,
         d_mlp=config.n_inner or 4 * config.n_embd,
         attention_prefer="attention_interface",
+        projections={  # c_attn: all queries, then keys, then values
+            kind: ("c_attn", i * config.n_embd, config.n_embd // config.n_head)
+            for i, kind in enumerate("qkv")
+        },
     )

@@ -15,6 +15,7 @@ from atp_nnsight.models.adapter import Adapter
 
 
 def make_adapter(config: Any) -> Adapter:
+    head_dim = config.hidden_size // config.num_attention_heads
     return Adapter(
         family="gpt_neox",
         layers_path="gpt_neox.layers",
@@ -25,8 +26,11 @@ def make_adapter(config: Any) -> Adapter:
         n_layers=config.num_hidden_layers,
         n_heads=config.num_attention_heads,
         n_kv_heads=config.num_attention_heads,
-        head_dim=config.hidden_size // config.num_attention_heads,
+        head_dim=head_dim,
         d_model=config.hidden_size,
         d_mlp=config.intermediate_size,
         parallel_residual=bool(getattr(config, "use_parallel_residual", True)),
+        projections={  # query_key_value: per head its query, key and value
+            kind: ("query_key_value", i * head_dim, 3 * head_dim) for i, kind in enumerate("qkv")
+        },
     )

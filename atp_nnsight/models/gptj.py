@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from atp_nnsight.models.adapter import Adapter
+from atp_nnsight.models.adapter import Adapter, separate_projections
 
 
 def make_adapter(config: Any) -> Adapter:
@@ -31,4 +31,5 @@ def make_adapter(config: Any) -> Adapter:
         d_model=config.n_embd,
         d_mlp=config.n_inner or 4 * config.n_embd,
         parallel_residual=True,
+        projections=separate_projections(config.n_embd // config.n_head),
     )

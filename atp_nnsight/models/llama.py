@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from atp_nnsight.models.adapter import Adapter
+from atp_nnsight.models.adapter import Adapter, separate_projections
 
 
 def make_adapter(config: Any, **overrides: Any) -> Adapter:
@@ -36,5 +36,6 @@ def make_adapter(config: Any, **overrides: Any) -> Adapter:
         head_dim=head_dim,
         d_model=config.hidden_size,
         d_mlp=config.intermediate_size,
+        projections=separate_projections(head_dim),
     )
     return Adapter(**{**arguments, **overrides})

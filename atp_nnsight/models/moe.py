@@ -21,7 +21,7 @@ from __future__ import annotations
 from typing import Any
 
 from atp_nnsight.models import llama
-from atp_nnsight.models.adapter import Adapter
+from atp_nnsight.models.adapter import Adapter, separate_projections
 
 EXPERT_NEURONS = (
     "expert neurons live inside the fused experts module, for the routed tokens only; use "
@@ -33,4 +33,10 @@ def make_adapter(config: Any) -> Adapter:
     width = getattr(config, "moe_intermediate_size", None) or config.intermediate_size
     active = config.num_experts_per_tok * width
     active += getattr(config, "shared_expert_intermediate_size", 0) or 0
-    return llama.make_adapter(config, d_mlp=active, unsupported={"neuron": EXPERT_NEURONS})
+    extra = {}
+    if config.model_type == "olmoe":  # q/k norms over all heads
+        head_dim = (
+            getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        )
+        extra["projections"] = separate_projections(head_dim, "v")
+    return llama.make_adapter(config, d_mlp=active, unsupported={"neuron": EXPERT_NEURONS}, **extra)

@@ -19,10 +19,14 @@ from __future__ import annotations
 from typing import Any
 
 from atp_nnsight.models import llama
-from atp_nnsight.models.adapter import Adapter
+from atp_nnsight.models.adapter import Adapter, separate_projections
 
 
 def make_adapter(config: Any) -> Adapter:
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     return llama.make_adapter(
-        config, attn_write="post_attention_layernorm", mlp_write="post_feedforward_layernorm"
+        config,
+        attn_write="post_attention_layernorm",
+        mlp_write="post_feedforward_layernorm",
+        projections=separate_projections(head_dim, "v"),  # q/k: norms over all heads
     )

@@ -20,4 +20,8 @@ from atp_nnsight.models.adapter import Adapter
 
 
 def make_adapter(config: Any) -> Adapter:
-    return llama.make_adapter(config)
+    n_heads, n_kv = config.num_attention_heads, config.num_key_value_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // n_heads
+    starts = {"q": 0, "k": n_heads * head_dim, "v": (n_heads + n_kv) * head_dim}
+    projections = {kind: ("qkv_proj", start, head_dim) for kind, start in starts.items()}
+    return llama.make_adapter(config, projections=projections)
