@@ -168,9 +168,9 @@ def layer_step(chunk, layer, sites, streams, ups, continue_below):
     for i, sid in enumerate(ids):
         release = i == len(ids) - 1
         g_out = streams[sid].to(sites["mlp_out_device"])  # also the gradient at each write
-        (g_mlp_in,) = vjp(sites["mlp_out"], [sites["mlp_in"]], g_out, release)
+        # the MLP input's own gradient at its copy (a shared norm is needed again below)
         (g_mlp,) = vjp(
-            sites["mlp_in"], [sites["mlp_copy"]], g_mlp_in, release and not info["shared_norm"]
+            sites["mlp_out"], [sites["mlp_copy"]], g_out, release and not info["shared_norm"]
         )
         if g_mlp is None:
             g_mlp = torch.zeros_like(sites["mlp_copy"])

@@ -122,10 +122,10 @@ def head_writes(out_proj, delta_z, n_heads):
         return out_proj(masked.reshape(b, n_heads, t, width)) - zero
 
 
-GROUP = 4
-"""Attention inputs whose own gradients are pushed back together (through the projection, then
-the norm): bounds :func:`copy_grads`' temporaries to a few residual-stream-sized tensors per
-member, whatever the number of heads."""
+GROUP = 8
+"""Attention inputs of one kind whose own gradients are pushed back together (through the
+projection and the norm): bounds :func:`copy_grads`' temporaries to a few
+residual-stream-sized tensors per member, whatever the number of heads."""
 
 
 def _per_unit(grad, units):
@@ -207,41 +207,36 @@ def copy_grads(sites, grads, release, out, specs):
     (``out`` ``[≥ N, B, T, d]``, on the layer input's device).
 
     ``grads``: gradients at the call's q, k, v (``[B, heads, T, D]``, None for no gradient).
-    Order: q per query head, k per KV head, v per KV head; :data:`GROUP` inputs at a time.
+    Order: q per query head, k per KV head, v per KV head; :data:`GROUP` inputs of a kind
+    at a time, each batch with one VJP to the residual copy.
     ``specs``: the chunk's :func:`per_head_projections` (read by :func:`iter_sites`); a kind
     there is pushed through its units' own weight rows (one product per unit), the others
     through the whole projection with all but one unit's gradient masked (one projection
-    backward per unit). ``release``: the last use of
-    this layer's graph (its buffers are freed).
+    backward per unit). ``release``: the last use of this layer's graph (buffers freed).
     """
     call, attn_in, resid = sites["call"], sites["attn_in"], sites["resid"]
     projected = _projected(sites, grads, specs) if specs else {}
-    groups = []
+    batches = []
     for i, kind in enumerate(KINDS):
         n_units = call[kind].shape[1]
-        groups += [(i, range(u, min(u + GROUP, n_units))) for u in range(0, n_units, GROUP)]
+        batches += [(i, lo, min(lo + GROUP, n_units)) for lo in range(0, n_units, GROUP)]
     row = 0
-    for j, (i, units) in enumerate(groups):
-        last = release and j == len(groups) - 1
+    for j, (i, lo, hi) in enumerate(batches):
+        retain = not (release and j == len(batches) - 1)
         kind = KINDS[i]
         if kind in projected:
-            g = projected[kind][:, :, units.start : units.stop].flatten(0, 1).transpose(0, 1)
-            w = sites["rows"][kind][units.start : units.stop]
-            g = torch.bmm(g, w).unflatten(1, attn_in.shape[:2])  # [n, B, T, d]
+            g = projected[kind][:, :, lo:hi].flatten(0, 1).transpose(0, 1)  # [n, B*T, D]
+            g = torch.bmm(g, sites["rows"][kind][lo:hi]).unflatten(1, attn_in.shape[:2])
+            outputs, inputs = attn_in, resid
         else:
             grad = grads[i] if grads[i] is not None else torch.zeros_like(call[kind])
-            (g,) = torch.autograd.grad(
-                call[kind],
-                attn_in,
-                grad_outputs=_per_unit(grad, units),
-                is_grads_batched=True,
-                retain_graph=True,
-            )
+            g = _per_unit(grad, range(lo, hi))
+            outputs, inputs = call[kind], resid
         (g,) = torch.autograd.grad(
-            attn_in, resid, grad_outputs=g, is_grads_batched=True, retain_graph=not last
+            outputs, inputs, grad_outputs=g, is_grads_batched=True, retain_graph=retain
         )
-        out[row : row + len(units)] = g.to(out.device)
-        row += len(units)
+        out[row : row + hi - lo] = g.to(out.device)
+        row += hi - lo
 
 
 def vjp(outputs, inputs, grad, release):
