@@ -6,12 +6,17 @@ Execute and stamp them with ``python scripts/execute_notebooks.py``. The kernel 
 machine, notebook 01 took 303 s in an nbclient kernel with torch's default spin-waiting
 threads and 112 s with passive waiting, the two run side by side under the same load; a plain
 process spin-waiting took as long as the kernel (622 s vs 587 s side by side), so the kernel
-itself was never the cause.
+itself was never the cause. The execution tests run the notebooks two at a time, each kernel
+with one torch thread.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import os
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import nbformat
@@ -75,15 +80,43 @@ def test_a_stale_or_unexecuted_cell_is_detected():
     assert executor.stale_cells(book) == [1]
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
-def test_notebook_executes(path, tmp_path, monkeypatch):
-    monkeypatch.delenv("NDIF_API_KEY", raising=False)  # the NDIF notebook runs remote="local"
+def _execute_copy(path: Path, folder: Path, env: dict[str, str]):
+    """Execute a copy of ``path`` with its outputs cleared, by the script that stamps the
+    committed notebooks, in a subprocess: ``(completed process, executed copy)``."""
     book = nbformat.read(path, as_version=4)
     for cell in book.cells:
         if cell.cell_type == "code":
             cell.outputs = []
-    executor.execute(book, tmp_path)
+            cell.execution_count = None
+    copy = folder / path.name
+    nbformat.write(book, copy)
+    script = ROOT / "scripts" / "execute_notebooks.py"
+    proc = subprocess.run(
+        [sys.executable, str(script), str(copy)], env=env, capture_output=True, text=True
+    )
+    return proc, copy
+
+
+@pytest.fixture(scope="module")
+def executions(tmp_path_factory):
+    """Every notebook executed in its own fresh kernel, two at a time with one torch thread
+    each (the test machine has two cores), the longest (03) first: stem → future of
+    :func:`_execute_copy`. The NDIF notebook runs ``remote="local"`` (no API key)."""
+    folder = tmp_path_factory.mktemp("notebooks")
+    env = {k: v for k, v in os.environ.items() if k != "NDIF_API_KEY"}
+    env["OMP_NUM_THREADS"] = "1"
+    order = sorted(NOTEBOOKS, key=lambda p: p.stem != "03_comparing_methods")
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        yield {p.stem: pool.submit(_execute_copy, p, folder, env) for p in order}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
+def test_notebook_executes(path, executions):
+    proc, copy = executions[path.stem].result()
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    book = nbformat.read(copy, as_version=4)
+    assert not executor.stale_cells(book), "a cell did not run"
     assert not [o for o in outputs(book) if o.get("output_type") == "error"]
     if path.stem in WITH_FIGURES:
         assert outputs(book, "image/png"), "plots should render inline"

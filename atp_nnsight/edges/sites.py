@@ -122,7 +122,7 @@ def head_writes(out_proj, delta_z, n_heads):
         return out_proj(masked.reshape(b, n_heads, t, width)) - zero
 
 
-GROUP = 8
+GROUP = 16
 """Attention inputs of one kind whose own gradients are pushed back together (through the
 projection and the norm): bounds :func:`copy_grads`' temporaries to a few
 residual-stream-sized tensors per member, whatever the number of heads."""
