@@ -227,13 +227,13 @@ def copy_grads(sites, grads, release, out, specs):
         if kind in projected:
             g = projected[kind][:, :, lo:hi].flatten(0, 1).transpose(0, 1)  # [n, B*T, D]
             g = torch.bmm(g, sites["rows"][kind][lo:hi]).unflatten(1, attn_in.shape[:2])
-            outputs, inputs = attn_in, resid
+            start = attn_in  # the gradients at the attention input, one per unit
         else:
             grad = grads[i] if grads[i] is not None else torch.zeros_like(call[kind])
             g = _per_unit(grad, range(lo, hi))
-            outputs, inputs = call[kind], resid
+            start = call[kind]
         (g,) = torch.autograd.grad(
-            outputs, inputs, grad_outputs=g, is_grads_batched=True, retain_graph=retain
+            start, resid, grad_outputs=g, is_grads_batched=True, retain_graph=retain
         )
         out[row : row + hi - lo] = g.to(out.device)
         row += hi - lo
