@@ -43,9 +43,10 @@ def collect_layer(model, chunk, layer, on_input=None, source=None):
     may replace layer 0's input (and must return the tensor the layer then reads).
 
     With ``source`` (the layer's writes in the source run, see :func:`source_pass`), the
-    layer's ``Δu`` is stored as ``up``. The residual writes ``attn_out`` and ``mlp_out`` are
-    then kept only as gradient edges (autograd saves neither; only where they enter the graph
-    is needed by the backward), with their devices as ``attn_out_device``/``mlp_out_device``.
+    layer's ``Δu`` is stored as ``up``. Afterwards the residual writes ``attn_out`` and
+    ``mlp_out`` are kept only as gradient edges (autograd saves neither; the backward needs
+    only where they enter the graph), with their devices as ``attn_out_device`` /
+    ``mlp_out_device``.
     """
     adapter, info = chunk["adapter"], chunk["graph"]
     last = layer == adapter.n_layers - 1

@@ -19,10 +19,15 @@ from typing import Any
 from atp_nnsight.models.adapter import Adapter, separate_projections
 
 
+def head_dim_of(config: Any) -> int:
+    """The per-head width: ``config.head_dim`` when set, else ``hidden_size / heads``."""
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
 def make_adapter(config: Any, **overrides: Any) -> Adapter:
     """The adapter of a Llama-style model; ``overrides`` replace :class:`Adapter` arguments."""
     n_heads = config.num_attention_heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // n_heads
+    head_dim = head_dim_of(config)
     arguments: dict[str, Any] = dict(
         family=config.model_type,
         layers_path="model.layers",

@@ -35,8 +35,5 @@ def make_adapter(config: Any) -> Adapter:
     active += getattr(config, "shared_expert_intermediate_size", 0) or 0
     extra = {}
     if config.model_type == "olmoe":  # q/k norms over all heads
-        head_dim = (
-            getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-        )
-        extra["projections"] = separate_projections(head_dim, "v")
+        extra["projections"] = separate_projections(llama.head_dim_of(config), "v")
     return llama.make_adapter(config, d_mlp=active, unsupported={"neuron": EXPERT_NEURONS}, **extra)

@@ -23,10 +23,9 @@ from atp_nnsight.models.adapter import Adapter, separate_projections
 
 
 def make_adapter(config: Any) -> Adapter:
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     return llama.make_adapter(
         config,
         attn_write="post_attention_layernorm",
         mlp_write="post_feedforward_layernorm",
-        projections=separate_projections(head_dim, "v"),  # q/k: norms over all heads
+        projections=separate_projections(llama.head_dim_of(config), "v"),  # q/k: all-head norms
     )

@@ -21,7 +21,7 @@ from atp_nnsight.models.adapter import Adapter
 
 def make_adapter(config: Any) -> Adapter:
     n_heads, n_kv = config.num_attention_heads, config.num_key_value_heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // n_heads
+    head_dim = llama.head_dim_of(config)
     starts = {"q": 0, "k": n_heads * head_dim, "v": (n_heads + n_kv) * head_dim}
     projections = {kind: ("qkv_proj", start, head_dim) for kind, start in starts.items()}
     return llama.make_adapter(config, projections=projections)

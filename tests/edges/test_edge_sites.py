@@ -54,11 +54,11 @@ def test_head_writes_are_each_heads_own_write_without_bias(make, shape):
     torch.testing.assert_close(got.sum(1), whole, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("make", [linear, conv1d], ids=["linear", "conv1d"])
-def test_projection_rows_are_the_weight_rows_without_bias(make):
+@pytest.mark.parametrize("conv", [False, True], ids=["linear", "conv1d"])
+def test_projection_rows_are_the_weight_rows_without_bias(conv):
     torch.manual_seed(0)  # a q/k/v projection: D_MODEL features in, N_HEADS * D_HEAD out
     width = N_HEADS * D_HEAD
-    module = torch.nn.Linear(D_MODEL, width) if make is linear else Conv1D(width, D_MODEL)
+    module = Conv1D(width, D_MODEL) if conv else torch.nn.Linear(D_MODEL, width)
     torch.nn.init.normal_(module.weight)
     torch.nn.init.normal_(module.bias)
     columns = _columns(("proj", 1, 2 * D_HEAD), 2, D_HEAD, "cpu")  # units 0, 1: stride 2 heads
